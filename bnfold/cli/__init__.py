@@ -1,0 +1,113 @@
+"""The ``bnfold`` command line: a thin layer over the Python API.
+
+Each sub-command lives in its own module of this package and only parses options, calls the
+library and renders its report. Errors from the library (:class:`bnfold.errors.BnfoldError`)
+become one line on stderr and the error's exit status; anything unexpected becomes one line
+too, with exit status 3. ``--debug`` (on any command) or ``BNFOLD_DEBUG=1`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from bnfold._version import __version__
+from bnfold.errors import BnfoldError
+
+INTERNAL_ERROR_EXIT = 3
+
+
+class _OneLineError(click.ClickException):
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file=None) -> None:
+        click.echo(f"bnfold: error: {self.format_message()}", err=True)
+
+
+def debug_enabled(ctx: click.Context | None = None) -> bool:
+    if os.environ.get("BNFOLD_DEBUG", "") not in ("", "0"):
+        return True
+    ctx = ctx or click.get_current_context(silent=True)
+    while ctx is not None:
+        if ctx.meta.get("bnfold.debug"):
+            return True
+        ctx = ctx.parent
+    return False
+
+
+def _set_debug(ctx: click.Context, _param, value: bool) -> bool:
+    if value:
+        ctx.meta["bnfold.debug"] = True
+    return value
+
+
+def debug_option(f):
+    """``--debug`` for any command: show tracebacks instead of one-line errors."""
+    return click.option(
+        "--debug",
+        is_flag=True,
+        expose_value=False,
+        is_eager=True,
+        callback=_set_debug,
+        help="Show a Python traceback on error.",
+    )(f)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except BnfoldError as exc:
+            if debug_enabled(ctx):
+                raise
+            raise _OneLineError(str(exc), exc.exit_code) from exc
+        except KeyboardInterrupt:
+            raise click.Abort() from None
+        except Exception as exc:  # noqa: BLE001 - the CLI never shows a raw traceback
+            if debug_enabled(ctx):
+                raise
+            msg = " ".join(str(exc).split()) or type(exc).__name__
+            raise _OneLineError(
+                f"internal error: {type(exc).__name__}: {msg} (rerun with --debug for the traceback)",
+                INTERNAL_ERROR_EXIT,
+            ) from exc
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", "-V", prog_name="bnfold")
+@debug_option
+def cli() -> None:
+    """Fold BatchNormalization into the neighbouring linear layers of ONNX models, exactly,
+    explain every BN left alone, and prove the folded model computes the same function."""
+
+
+def _register() -> None:
+    # Sub-commands, one module each. Imported here (not on `import bnfold`) so the library
+    # never pays for click or the CLI's dependencies.
+    import importlib
+
+    for name in _COMMAND_MODULES:
+        module = importlib.import_module(f"bnfold.cli.{name}")
+        for command in module.COMMANDS:
+            cli.add_command(command)
+
+
+# One entry per module of bnfold/cli that defines sub-commands (a COMMANDS list).
+_COMMAND_MODULES: tuple[str, ...] = ()
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    cli.main(args=argv, prog_name="bnfold")
+
+
+__all__ = ["cli", "main", "debug_option", "debug_enabled"]
