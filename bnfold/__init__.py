@@ -11,6 +11,7 @@ from bnfold.errors import (
     OutputError,
     ProviderError,
     UnsupportedModelError,
+    UsageError,
     ValidationFailed,
 )
 
@@ -22,5 +23,6 @@ __all__ = [
     "OutputError",
     "ProviderError",
     "UnsupportedModelError",
+    "UsageError",
     "ValidationFailed",
 ]

@@ -42,3 +42,7 @@ class ValidationFailed(BnfoldError):
     """The folded model does not compute the same function as the original."""
 
     exit_code = 1
+
+
+class UsageError(BnfoldError):
+    """An option or argument value is not one bnfold accepts (e.g. an unknown pattern name)."""

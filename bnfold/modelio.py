@@ -1,0 +1,200 @@
+"""Reading and writing ONNX model files safely.
+
+Reading turns every way a file can be wrong (missing, a directory, empty, not protobuf, a
+protobuf that is not a model, external data that is missing, too short, or outside the
+model's folder) into one :class:`~bnfold.errors.ModelLoadError` line that names the file.
+
+Writing is atomic: the model (and its external data, if any) is written into a fresh hidden
+folder beside the destination, flushed, then renamed into place, data first and the model
+last. A failed or interrupted write leaves the destination as it was; an input file is never
+overwritten unless the caller says ``in_place=True``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from bnfold.errors import ModelLoadError, OutputError
+
+# Protobuf cannot serialize a message of 2 GiB or more; stay clear of it.
+PROTOBUF_LIMIT = 2**31 - 2**24
+
+PathLike = str | os.PathLike
+
+
+def load_model(path: PathLike, *, load_external_data: bool = True) -> onnx.ModelProto:
+    """Load an ONNX model, or raise ModelLoadError with one line naming the problem.
+
+    Args:
+        path: the ``.onnx`` file.
+        load_external_data: read tensors stored in external files into the model. Their
+            locations are checked first either way: relative, inside the model's folder
+            (symbolic links resolved), present and long enough.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a directory, expected an .onnx file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    if not data:
+        raise ModelLoadError(f"{path}: is empty (0 bytes), not an ONNX model")
+    model = parse_model(data, name=str(path))
+    check_external_data(model, path.parent, name=str(path))
+    if load_external_data and uses_external_data(model):
+        try:
+            onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{path}: cannot read external data: {exc}") from exc
+    return model
+
+
+def parse_model(data: bytes, *, name: str = "<bytes>") -> onnx.ModelProto:
+    """Parse serialized bytes into a ModelProto that at least looks like a model."""
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise ModelLoadError(
+            f"{name}: not an ONNX model (protobuf parse failed: {exc or 'truncated or corrupt'})"
+        ) from exc
+    if not model.HasField("graph") or not model.opset_import:
+        raise ModelLoadError(f"{name}: is a protobuf message but not an ONNX model (no graph or opset)")
+    return model
+
+
+def _iter_tensors(model: onnx.ModelProto):
+    # Every TensorProto that may carry external data: initializers, sparse initializers and
+    # Constant-node attributes, in the main graph, subgraphs and functions.
+    return onnx.external_data_helper._get_all_tensors(model)
+
+
+def uses_external_data(model: onnx.ModelProto) -> bool:
+    return any(onnx.external_data_helper.uses_external_data(t) for t in _iter_tensors(model))
+
+
+def check_external_data(model: onnx.ModelProto, base_dir: PathLike, *, name: str) -> None:
+    """Refuse external-data locations that escape ``base_dir`` or point at missing/short files."""
+    base = Path(base_dir).resolve()
+    for tensor in _iter_tensors(model):
+        if not onnx.external_data_helper.uses_external_data(tensor):
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        if not location:
+            raise ModelLoadError(f"{name}: tensor {tensor.name!r} has external data without a location")
+        if os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in location[:3]:
+            raise ModelLoadError(
+                f"{name}: tensor {tensor.name!r} has an absolute external-data path {location!r}; "
+                "only paths inside the model's folder are allowed"
+            )
+        target = (base / location).resolve()
+        if base not in target.parents and target != base:
+            raise ModelLoadError(
+                f"{name}: tensor {tensor.name!r} external-data path {location!r} escapes the model's folder"
+            )
+        if not target.is_file():
+            raise ModelLoadError(f"{name}: tensor {tensor.name!r} external-data file {location!r} is missing")
+        try:
+            offset = int(info.get("offset", 0) or 0)
+            length = int(info["length"]) if info.get("length") else None
+        except ValueError as exc:
+            raise ModelLoadError(f"{name}: tensor {tensor.name!r} has a malformed external-data offset/length") from exc
+        size = target.stat().st_size
+        if offset < 0 or offset > size or (length is not None and (length < 0 or offset + length > size)):
+            raise ModelLoadError(
+                f"{name}: tensor {tensor.name!r} external data {location!r} is too short "
+                f"(needs bytes {offset}..{offset + (length or 0)}, file has {size})"
+            )
+
+
+def save_model(
+    model: onnx.ModelProto,
+    dst: PathLike,
+    *,
+    external_data: bool | None = None,
+    src: PathLike | None = None,
+    in_place: bool = False,
+) -> Path:
+    """Write ``model`` to ``dst`` atomically; returns the destination path.
+
+    Args:
+        model: the model to write; not modified.
+        dst: destination ``.onnx`` path. Its folder must exist and be writable.
+        external_data: store tensors in ``<dst name>.data`` beside the model. ``None`` means
+            "only if the model would not fit in one protobuf".
+        src: the input file the model came from; writing over it is refused unless
+            ``in_place`` is true.
+        in_place: allow ``dst`` to be ``src``.
+    """
+    dst = Path(dst)
+    folder = dst.parent if str(dst.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError(f"{dst}: cannot write: folder {folder} does not exist")
+    if dst.is_dir():
+        raise OutputError(f"{dst}: cannot write: is a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{dst}: cannot write: folder {folder} is not writable")
+    if src is not None and not in_place and _same_file(src, dst):
+        raise OutputError(f"{dst}: is the input model; refusing to overwrite it (use --in-place)")
+
+    if external_data is None:
+        external_data = model.ByteSize() > PROTOBUF_LIMIT
+
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=folder))
+    except OSError as exc:
+        raise OutputError(f"{dst}: cannot write: {exc.strerror or exc}") from exc
+    try:
+        staged_model = staging / dst.name
+        written: list[str] = []
+        if external_data:
+            data_name = _fresh_data_name(folder, dst.name)
+            out = onnx.ModelProto()
+            out.CopyFrom(model)
+            onnx.external_data_helper.convert_model_to_external_data(
+                out, all_tensors_to_one_file=True, location=data_name, size_threshold=1024
+            )
+            onnx.save_model(out, str(staged_model))
+            if (staging / data_name).exists():
+                written.append(data_name)
+        else:
+            if model.ByteSize() > PROTOBUF_LIMIT:
+                raise OutputError(f"{dst}: the model is over 2 GB; it must be saved with external data")
+            with open(staged_model, "wb") as f:
+                f.write(model.SerializeToString())
+        for name in [*written, dst.name]:
+            with open(staging / name, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(staging / name, folder / name)
+    except OSError as exc:
+        raise OutputError(f"{dst}: write failed: {exc.strerror or exc}") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return dst
+
+
+def _fresh_data_name(folder: Path, model_name: str) -> str:
+    # Renaming new data over an existing data file before the model is replaced would leave
+    # the old model pointing at the new bytes if we were interrupted in between; a data file
+    # of its own keeps the destination consistent at every instant.
+    name = f"{model_name}.data"
+    if not (folder / name).exists():
+        return name
+    return f"{model_name}.{os.urandom(4).hex()}.data"
+
+
+def _same_file(a: PathLike, b: PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
