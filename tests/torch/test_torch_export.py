@@ -129,7 +129,6 @@ def test_folded_model_that_fails_the_check_is_not_written(tmp_path, monkeypatch)
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.export internals, not ours
 def test_dynamo_exporter_keeps_batchnorm(tmp_path):
     model, x = _trained(_conv2d, fresh=False)
