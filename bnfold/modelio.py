@@ -168,10 +168,15 @@ def save_model(
             if (staging / data_name).exists():
                 written.append(data_name)
         else:
-            if model.ByteSize() > PROTOBUF_LIMIT:
+            # Serialize once (ByteSize() costs as much as serializing) and check the length.
+            try:
+                data = model.SerializeToString()
+            except ValueError as exc:
+                raise OutputError(f"{dst}: the model is over 2 GB; it must be saved with external data") from exc
+            if len(data) > PROTOBUF_LIMIT:
                 raise OutputError(f"{dst}: the model is over 2 GB; it must be saved with external data")
             with open(staged_model, "wb") as f:
-                f.write(model.SerializeToString())
+                f.write(data)
         for name in [*written, dst.name]:
             with open(staging / name, "rb+") as f:
                 os.fsync(f.fileno())

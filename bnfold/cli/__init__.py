@@ -99,7 +99,7 @@ def _register() -> None:
 
 
 # One entry per module of bnfold/cli that defines sub-commands (a COMMANDS list).
-_COMMAND_MODULES: tuple[str, ...] = ()
+_COMMAND_MODULES: tuple[str, ...] = ("check", "fold")
 
 
 _register()

@@ -1,0 +1,228 @@
+"""The Python API: a model (or a path) in, a :class:`~bnfold.report.FoldResult` out.
+
+``fold`` never prints, never exits and never mutates the model it is given: it works on a
+copy (a loaded file is its own copy). Each graph body — the main graph, every subgraph of
+If/Loop/Scan (innermost first, so a parent sees its subgraphs' final references), every
+model-local function — gets its own :class:`~bnfold.graph.GraphIndex` and runs the passes of
+:mod:`bnfold.passes`. The IR version, opset imports, names, doc strings and metadata are
+never touched.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import onnx
+
+from bnfold.errors import ModelLoadError, UsageError
+from bnfold.graph import GraphIndex, NameSet, all_names, subgraphs
+from bnfold.modelio import load_model, save_model, uses_external_data
+from bnfold.passes import FINAL_PASSES, FOLD_PASSES, PATTERNS
+from bnfold.passes._context import FoldContext
+from bnfold.report import FoldReport, FoldResult
+
+_MAX_ROUNDS = 64
+
+
+def parse_patterns(value: str | Iterable[str] | None, *, option: str) -> frozenset[str] | None:
+    """Pattern names from "a,b" or an iterable; UsageError naming the valid ones otherwise."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else list(value)
+    names = [str(v).strip().lower() for v in items if str(v).strip()]
+    unknown = [n for n in names if n not in PATTERNS]
+    if unknown:
+        raise UsageError(f"{option}: unknown pattern {', '.join(map(repr, unknown))}; valid: {', '.join(PATTERNS)}")
+    return frozenset(names)
+
+
+def fold(
+    model: onnx.ModelProto | str | os.PathLike,
+    *,
+    skip: str | Iterable[str] = (),
+    only: str | Iterable[str] | None = None,
+    keep_unfoldable: bool = False,
+    inputs_as_constants: bool = False,
+) -> FoldResult:
+    """Fold every foldable normalization node of ``model``; explain the rest.
+
+    Args:
+        model: an ``onnx.ModelProto`` (not modified) or the path of an ``.onnx`` file.
+        skip: pattern names to switch off ("gemm,forward" or an iterable); see
+            ``bnfold.passes.PATTERNS``.
+        only: if given, only these patterns run (minus ``skip``).
+        keep_unfoldable: keep BN nodes that cannot be folded instead of rewriting them as
+            one Mul and one Add.
+        inputs_as_constants: treat initializers that are also graph inputs as constants
+            (onnxruntime lets a caller override them, so by default they are not).
+
+    Returns:
+        FoldResult with the folded model and the report (one entry per normalization node).
+    """
+    enabled = enabled_patterns(skip, only)
+    if isinstance(model, onnx.ModelProto):
+        original = model
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+        pristine = lambda: original  # noqa: E731
+    elif isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        work = load_model(path)
+        pristine = lambda: load_model(path)  # noqa: E731
+    else:
+        raise TypeError(f"fold: expected an onnx.ModelProto or a path, got {type(model).__name__}")
+    return _fold_owned(work, pristine, enabled, keep_unfoldable=keep_unfoldable,
+                       inputs_as_constants=inputs_as_constants)
+
+
+def enabled_patterns(skip, only) -> frozenset[str]:
+    skipped = parse_patterns(skip, option="skip") or frozenset()
+    selected = parse_patterns(only, option="only")
+    return (frozenset(PATTERNS) if selected is None else selected) - skipped
+
+
+def _fold_owned(work: onnx.ModelProto, pristine, enabled: frozenset[str], *, keep_unfoldable: bool,
+                inputs_as_constants: bool, measure: bool = True) -> FoldResult:
+    """Fold ``work`` in place (the caller owns it); ``pristine()`` gives the unfolded model.
+
+    ``measure=False`` leaves the byte sizes to the caller (ByteSize() costs a serialization).
+    """
+    report = FoldReport(nodes_before=count_nodes(work), bytes_before=work.ByteSize() if measure else 0)
+    entries = []
+    names = NameSet(all_names(work))
+    inferred = _LazyTypes(pristine)
+    opset = default_opset(work.opset_import)
+    common = dict(names=names, ir_version=work.ir_version, inputs_as_constants=inputs_as_constants, inferred=inferred)
+
+    def process(body, path: str, outer: GraphIndex | None, body_opset: int) -> None:
+        index = GraphIndex(body, path=path, outer=outer, **common)
+        for node in index.nodes:
+            for attr_name, graph in subgraphs(node):
+                prefix = f"{path}/" if path else ""
+                process(graph, f"{prefix}{index.node_name(node)}/{attr_name}", index, body_opset)
+        index.rescan_subgraphs()
+        ctx = FoldContext(index, body_opset, enabled, keep_unfoldable)
+        for _ in range(_MAX_ROUNDS):
+            changed = False
+            for p in FOLD_PASSES:
+                if p.name in enabled:
+                    changed |= p.run(ctx)
+            if not changed:
+                break
+        for p in FINAL_PASSES:
+            p.run(ctx)  # rewrite, or keep with a reason: it reports every BN left
+        index.finalize()
+        entries.extend((path, order, e) for order, e in ctx.entries)
+
+    process(work.graph, "", None, opset)
+    for function in work.functions:
+        f_opset = default_opset(function.opset_import) or opset
+        process(function, f"function:{function.domain}.{function.name}", None, f_opset)
+
+    # Report order: main graph first, then subgraphs and functions, each in node order.
+    report.entries = [e for _, _, e in sorted(entries, key=lambda x: (x[0] != "", x[0], x[1]))]
+    report.nodes_after = count_nodes(work)
+    report.bytes_after = work.ByteSize() if measure else 0
+    return FoldResult(model=work, report=report)
+
+
+def default_output_path(src: str | os.PathLike) -> Path:
+    """``<stem>.folded.onnx`` next to ``src``."""
+    src = Path(src)
+    return src.with_name(f"{src.stem}.folded{src.suffix or '.onnx'}")
+
+
+def fold_file(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, in_place: bool = False,
+              **options) -> FoldResult:
+    """Fold the model in ``src`` and write it atomically to ``dst``.
+
+    Args:
+        src: the input ``.onnx`` file; never overwritten unless ``in_place``.
+        dst: the output path; default ``<stem>.folded.onnx`` next to ``src`` (``src`` itself
+            with ``in_place``). Tensors stay in external data if the source used it.
+        in_place: allow writing over ``src``.
+        **options: as for :func:`fold`.
+
+    Returns:
+        FoldResult; ``result.output`` is the written path.
+    """
+    src = Path(src)
+    if dst is None:
+        dst = src if in_place else default_output_path(src)
+    enabled = enabled_patterns(options.pop("skip", ()), options.pop("only", None))
+    unknown = set(options) - {"keep_unfoldable", "inputs_as_constants"}
+    if unknown:
+        raise TypeError(f"fold_file() got unexpected keyword argument(s) {', '.join(sorted(unknown))}")
+    model = load_model(src, load_external_data=False)
+    external = uses_external_data(model)
+    if external:
+        model = load_model(src)
+    files_before = _file_sizes(src, model)
+    result = _fold_owned(model, lambda: load_model(src), enabled, measure=False, **{
+        "keep_unfoldable": bool(options.get("keep_unfoldable", False)),
+        "inputs_as_constants": bool(options.get("inputs_as_constants", False)),
+    })
+    # Small sources cannot fold into a model over protobuf's 2 GB: skip save_model's size probe.
+    external_data = True if external else (None if files_before > 2**30 else False)
+    result.output = save_model(result.model, dst, external_data=external_data, src=src, in_place=in_place)
+    result.report.bytes_before = files_before
+    written = load_model(result.output, load_external_data=False) if external_data else result.model
+    result.report.bytes_after = _file_sizes(result.output, written)
+    return result
+
+
+def _file_sizes(path: Path, model: onnx.ModelProto) -> int:
+    """Bytes of the model file plus the external-data files it references."""
+    locations = set()
+    for t in onnx.external_data_helper._get_all_tensors(model):
+        for e in t.external_data:
+            if e.key == "location":
+                locations.add(e.value)
+    total = Path(path).stat().st_size
+    for loc in locations:
+        data = Path(path).parent / loc
+        if data.is_file():
+            total += data.stat().st_size
+    return total
+
+
+def default_opset(opset_import) -> int:
+    for entry in opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    return 0
+
+
+def count_nodes(model: onnx.ModelProto) -> int:
+    def count(nodes) -> int:
+        return sum(1 + sum(count(g.node) for _, g in subgraphs(n)) for n in nodes)
+
+    return count(model.graph.node) + sum(count(f.node) for f in model.functions)
+
+
+class _LazyTypes:
+    """Types from onnx shape inference of the ORIGINAL model, computed only if a pass needs
+    a rank or dtype nothing else tells (most graphs never pay for it)."""
+
+    def __init__(self, pristine):
+        self._pristine = pristine
+        self._types: dict[str, onnx.TypeProto] | None = None
+
+    def __call__(self) -> dict[str, onnx.TypeProto]:
+        if self._types is None:
+            self._types = {}
+            try:
+                inferred = onnx.shape_inference.infer_shapes(self._pristine())
+            except (onnx.shape_inference.InferenceError, ModelLoadError, ValueError, RuntimeError):
+                return self._types
+            self._collect(inferred.graph)
+        return self._types
+
+    def _collect(self, graph: onnx.GraphProto) -> None:
+        for v in (*graph.input, *graph.output, *graph.value_info):
+            self._types.setdefault(v.name, v.type)
+        for node in graph.node:
+            for _, g in subgraphs(node):
+                self._collect(g)

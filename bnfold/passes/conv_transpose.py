@@ -1,0 +1,61 @@
+"""ConvTranspose → BN: W [C_in, C_out/g, k…]; W[i, j] feeds output channel
+o = (i // (C_in/g))·(C_out/g) + j, so it is scaled by s[o]; b' = s·b + t.
+
+Grouped transposed convolutions are where tools get this wrong (scaling W[:, o] as if
+g = 1 mixes the groups' channels): the channel map lives in ``numerics``.
+"""
+
+from __future__ import annotations
+
+from bnfold.numerics import conv_transpose_rows, fold_conv_transpose, round_checked
+from bnfold.passes._affine import Linear, attr, run_linear
+from bnfold.passes._weights import constant_input, folded_name, required_weight
+
+
+class ConvTransposeLinear(Linear):
+    kind = "ConvTranspose"
+    op_type = "ConvTranspose"
+    pattern = "convtranspose"
+
+    def check(self, ctx, node):
+        w, reason = required_weight(ctx, node, 1, "weight W")
+        if reason:
+            return reason
+        groups = int(attr(node, "group", 1))
+        if w.ndim < 3 or groups < 1 or w.shape[0] % groups:
+            return f"weight W of ConvTranspose {ctx.index.node_name(node)!r} of shape {list(w.shape)} does not fit group={groups}"
+        b, reason = constant_input(ctx, node, 2, "bias B")
+        if reason is None and b is not None and b.dtype != w.dtype:
+            reason = f"bias B of ConvTranspose {ctx.index.node_name(node)!r} has dtype {b.dtype}, W has {w.dtype}"
+        return reason
+
+    def geometry(self, ctx, node):
+        shape = ctx.index.weight_shape(node.input[1])
+        return len(shape), shape[1] * int(attr(node, "group", 1)), 1
+
+    def apply(self, ctx, node, affine):
+        ix = ctx.index
+        name = ix.node_name(node)
+        groups = int(attr(node, "group", 1))
+        w = ix.constant(node.input[1])
+        b, _ = constant_input(ctx, node, 2, "bias B")
+        w64, b64 = fold_conv_transpose(w, b, *affine, groups=groups)
+        w_new = round_checked(w64, w.dtype, what=f"weights of ConvTranspose {name!r}",
+                              rows=lambda a: conv_transpose_rows(a, groups))
+        b_new = round_checked(b64, w.dtype, what=f"bias of ConvTranspose {name!r}")
+        ix.write_input(node, 1, w_new, folded_name(ctx, node, 1, "W"))
+        ix.write_input(node, 2, b_new, folded_name(ctx, node, 2, "B"))
+        return node.output[0]
+
+
+LINEAR = ConvTransposeLinear()
+
+
+class ConvTransposePass:
+    name = "convtranspose"
+
+    def run(self, ctx) -> bool:
+        return run_linear(ctx, LINEAR)
+
+
+PASS = ConvTransposePass()
