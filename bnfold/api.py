@@ -11,12 +11,12 @@ never touched.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import onnx
 
-from bnfold.errors import ModelLoadError, UsageError
+from bnfold.errors import ModelLoadError, UsageError, ValidationFailed
 from bnfold.graph import GraphIndex, NameSet, all_names, subgraphs
 from bnfold.modelio import load_model, save_model, uses_external_data
 from bnfold.passes import FINAL_PASSES, FOLD_PASSES, PATTERNS
@@ -45,6 +45,7 @@ def fold(
     only: str | Iterable[str] | None = None,
     keep_unfoldable: bool = False,
     inputs_as_constants: bool = False,
+    validate: bool | Mapping = False,
 ) -> FoldResult:
     """Fold every foldable normalization node of ``model``; explain the rest.
 
@@ -57,6 +58,10 @@ def fold(
             one Mul and one Add.
         inputs_as_constants: treat initializers that are also graph inputs as constants
             (onnxruntime lets a caller override them, so by default they are not).
+        validate: run :func:`bnfold.check` of the folded model against the original and
+            record it in ``result.check``: True for the defaults, or a mapping of ``check``
+            keyword arguments (``providers``, ``samples``, ``rtol``...). A failed check is
+            recorded, not raised (``result.check.passed``).
 
     Returns:
         FoldResult with the folded model and the report (one entry per normalization node).
@@ -73,8 +78,20 @@ def fold(
         pristine = lambda: load_model(path)  # noqa: E731
     else:
         raise TypeError(f"fold: expected an onnx.ModelProto or a path, got {type(model).__name__}")
-    return _fold_owned(work, pristine, enabled, keep_unfoldable=keep_unfoldable,
-                       inputs_as_constants=inputs_as_constants)
+    result = _fold_owned(work, pristine, enabled, keep_unfoldable=keep_unfoldable,
+                         inputs_as_constants=inputs_as_constants)
+    if validate:
+        reference = model if isinstance(model, onnx.ModelProto) else Path(model)
+        result.check = run_check(reference, result.model, validate)
+    return result
+
+
+def run_check(reference, candidate: onnx.ModelProto, validate: bool | Mapping):
+    """``bnfold.check(reference, candidate, **options)``; ``validate`` is True or the options."""
+    from bnfold.validation import check  # onnxruntime is loaded only when a check runs
+
+    options = {} if validate is True else dict(validate)
+    return check(reference, candidate, **options)
 
 
 def enabled_patterns(skip, only) -> frozenset[str]:
@@ -135,7 +152,7 @@ def default_output_path(src: str | os.PathLike) -> Path:
 
 
 def fold_file(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, in_place: bool = False,
-              **options) -> FoldResult:
+              validate: bool | Mapping = False, force: bool = False, **options) -> FoldResult:
     """Fold the model in ``src`` and write it atomically to ``dst``.
 
     Args:
@@ -143,10 +160,18 @@ def fold_file(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, i
         dst: the output path; default ``<stem>.folded.onnx`` next to ``src`` (``src`` itself
             with ``in_place``). Tensors stay in external data if the source used it.
         in_place: allow writing over ``src``.
+        validate: check the folded model against ``src`` (True, or a mapping of
+            :func:`bnfold.check` options) before anything is written.
+        force: write the folded model even if its check failed (``result.check.passed``
+            tells); without it a failed check raises ValidationFailed and writes nothing.
         **options: as for :func:`fold`.
 
     Returns:
         FoldResult; ``result.output`` is the written path.
+
+    Raises:
+        ValidationFailed: the check failed and ``force`` is false; ``exc.result`` holds the
+            FoldResult with its check report.
     """
     src = Path(src)
     if dst is None:
@@ -164,6 +189,14 @@ def fold_file(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, i
         "keep_unfoldable": bool(options.get("keep_unfoldable", False)),
         "inputs_as_constants": bool(options.get("inputs_as_constants", False)),
     })
+    if validate:
+        result.check = run_check(src, result.model, validate)
+        if not result.check.passed and not force:
+            raise ValidationFailed(
+                f"{src}: the folded model is not equivalent to the original "
+                f"({result.check.verdict().removeprefix('FAIL: ')}); nothing written",
+                result=result,
+            )
     # Small sources cannot fold into a model over protobuf's 2 GB: skip save_model's size probe.
     external_data = True if external else (None if files_before > 2**30 else False)
     result.output = save_model(result.model, dst, external_data=external_data, src=src, in_place=in_place)

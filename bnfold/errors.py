@@ -39,9 +39,17 @@ class OutputError(BnfoldError):
 
 
 class ValidationFailed(BnfoldError):
-    """The folded model does not compute the same function as the original."""
+    """The folded model does not compute the same function as the original.
+
+    ``result`` carries the :class:`~bnfold.report.FoldResult` (with its check report) when the
+    error comes from a fold, so a caller can still show what was measured.
+    """
 
     exit_code = 1
+
+    def __init__(self, message: str, *, result=None):
+        super().__init__(message)
+        self.result = result
 
 
 class UsageError(BnfoldError):

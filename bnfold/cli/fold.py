@@ -12,7 +12,8 @@ import click
 
 from bnfold.api import fold, fold_file
 from bnfold.cli import debug_option
-from bnfold.errors import UsageError
+from bnfold.cli.check import check_kwargs, progress_bar, validation_options
+from bnfold.errors import UsageError, ValidationFailed
 from bnfold.report import FoldReport, NodeReport
 
 
@@ -81,18 +82,51 @@ def render_inspect(report: FoldReport, source: str) -> str:
               help="Output path (default: IN.folded.onnx next to the input).")
 @click.option("--in-place", is_flag=True, help="Overwrite the input model.")
 @_pattern_options
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report (and the check) as JSON.")
+@click.option("--validate/--no-validate", default=True, show_default=True,
+              help="Check the folded model against the original with onnxruntime before writing it.")
+@click.option("--force", is_flag=True,
+              help="Write the folded model even if its check fails (the exit status is still 1).")
+@validation_options
 @debug_option
-def fold_command(model, output, in_place, skip, only, keep_unfoldable, inputs_as_constants, as_json):
-    """Fold every foldable BatchNormalization of IN.onnx and explain the rest."""
+def fold_command(model, output, in_place, skip, only, keep_unfoldable, inputs_as_constants, as_json,
+                 validate, force, **params):
+    """Fold every foldable BatchNormalization of IN.onnx, explain the rest, check the result.
+
+    Exit status: 0 folded (and equivalent), 1 the folded model is not equivalent (nothing
+    written unless --force), 2 bad input or usage.
+    """
     if output and in_place:
         raise UsageError("--output and --in-place: give one or the other")
-    result = fold_file(model, output, in_place=in_place, skip=skip, only=only,
-                       keep_unfoldable=keep_unfoldable, inputs_as_constants=inputs_as_constants)
+    check_options = check_kwargs(params)
+    try:
+        with progress_bar("validating") as progress:
+            result = fold_file(model, output, in_place=in_place, skip=skip, only=only,
+                               keep_unfoldable=keep_unfoldable, inputs_as_constants=inputs_as_constants,
+                               validate={**check_options, "progress": progress} if validate else False,
+                               force=force)
+    except ValidationFailed as exc:
+        if exc.result is not None:
+            _render(exc.result, model, as_json)
+        raise
+    _render(result, model, as_json)
+    if result.check is not None and not result.check.passed:
+        raise ValidationFailed(f"{model}: the folded model is not equivalent to the original; "
+                               f"written anyway (--force) to {result.output}")
+
+
+def _render(result, source: str, as_json: bool) -> None:
+    output = str(result.output) if result.output else None
     if as_json:
-        click.echo(json.dumps({**result.report.to_dict(), "output": str(result.output)}, indent=2))
-    else:
-        click.echo(render_summary(result.report, model, str(result.output)))
+        document = {**result.report.to_dict(), "output": output}
+        if result.check is not None:
+            document["check"] = result.check.to_dict()
+        click.echo(json.dumps(document, indent=2))
+        return
+    click.echo(render_summary(result.report, source, None))
+    if result.check is not None:
+        click.echo(result.check.format())
+    click.echo(f"wrote {output}" if output else "nothing written")
 
 
 @click.command("inspect")
