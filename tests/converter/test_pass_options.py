@@ -43,7 +43,7 @@ def test_unknown_pattern_is_a_usage_error_listing_valid_names(rng):
 
 def test_unknown_option_is_a_type_error(rng):
     with pytest.raises(TypeError):
-        fold(two_bn_model(rng), validate=True)
+        fold(two_bn_model(rng), validation=True)
     with pytest.raises(TypeError):
         fold_file("x.onnx", colour=True)
 
