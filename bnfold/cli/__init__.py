@@ -69,6 +69,8 @@ class _Group(click.Group):
             raise _OneLineError(str(exc), exc.exit_code) from exc
         except KeyboardInterrupt:
             raise click.Abort() from None
+        except BrokenPipeError:
+            raise  # the reader went away (`bnfold inspect m.onnx | head`): main() ends quietly
         except Exception as exc:  # noqa: BLE001 - the CLI never shows a raw traceback
             if debug_enabled(ctx):
                 raise
@@ -107,7 +109,12 @@ _register()
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
-    cli.main(args=argv, prog_name="bnfold")
+    try:
+        cli.main(args=argv, prog_name="bnfold")
+    except BrokenPipeError:
+        # Python would complain again when flushing stdout at exit; point it at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)  # 128 + SIGPIPE, what a shell pipeline expects
 
 
 __all__ = ["cli", "main", "debug_option", "debug_enabled"]

@@ -44,8 +44,8 @@ def render_summary(report: FoldReport, source: str, output: str | None) -> str:
     counts = report.counts()
     kinds = ", ".join(f"{k.split(':', 1)[1]} {v}" for k, v in counts.items() if k.startswith("folded:"))
     lines = [
-        f"{source}: {counts['found:BatchNormalization']} BatchNormalization nodes found "
-        f"({counts['found']} normalization nodes incl. per-channel Mul/Add)",
+        f"{source}: {counts['found:BatchNormalization']} BatchNormalization nodes found"
+        + (f" (+{extra} per-channel Mul/Add)" if (extra := counts["found"] - counts["found:BatchNormalization"]) else ""),
         f"  folded     {counts['folded']}" + (f"  ({kinds})" if kinds else ""),
         f"  rewritten  {counts['rewritten']}  (as Mul+Add)",
         f"  kept       {counts['kept']}",
