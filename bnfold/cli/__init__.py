@@ -9,7 +9,6 @@ too, with exit status 3. ``--debug`` (on any command) or ``BNFOLD_DEBUG=1`` show
 from __future__ import annotations
 
 import os
-import sys
 
 import click
 
@@ -70,7 +69,7 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             raise click.Abort() from None
         except BrokenPipeError:
-            raise  # the reader went away (`bnfold inspect m.onnx | head`): main() ends quietly
+            raise  # the reader went away (`bnfold inspect m.onnx | head`): click ends quietly
         except Exception as exc:  # noqa: BLE001 - the CLI never shows a raw traceback
             if debug_enabled(ctx):
                 raise
@@ -109,12 +108,7 @@ _register()
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
-    try:
-        cli.main(args=argv, prog_name="bnfold")
-    except BrokenPipeError:
-        # Python would complain again when flushing stdout at exit; point it at /dev/null.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(141)  # 128 + SIGPIPE, what a shell pipeline expects
+    cli.main(args=argv, prog_name="bnfold")
 
 
 __all__ = ["cli", "main", "debug_option", "debug_enabled"]
