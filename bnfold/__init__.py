@@ -31,6 +31,8 @@ _LAZY = {
     "NodeReport": "bnfold.report",
     "check": "bnfold.validation",
     "CheckReport": "bnfold.validation",
+    "calibrate": "bnfold.calibration",
+    "CalibrationResult": "bnfold.calibration",
 }
 
 

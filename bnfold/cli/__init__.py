@@ -100,7 +100,7 @@ def _register() -> None:
 
 
 # One entry per module of bnfold/cli that defines sub-commands (a COMMANDS list).
-_COMMAND_MODULES: tuple[str, ...] = ("check", "fold")
+_COMMAND_MODULES: tuple[str, ...] = ("check", "fold", "calibrate")
 
 
 _register()
