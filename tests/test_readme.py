@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -27,11 +28,13 @@ def test_readme_opens_with_the_two_commands():
 def test_python_examples_run(tmp_path, monkeypatch, rng):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "model.onnx").write_bytes(_conv_bn(rng).SerializeToString())
+    np.savez(tmp_path / "data.npz", x=rng.standard_normal((64, 3, 10, 10)).astype(np.float32))
     blocks = _blocks("python")
     assert blocks, "README has no Python example"
     for code in blocks:
         exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
     assert (tmp_path / "model.folded.onnx").exists()
+    assert (tmp_path / "shard0.stats").exists()
 
 
 def _synopsis_options() -> dict[str, set[str]]:
@@ -48,7 +51,7 @@ def _synopsis_options() -> dict[str, set[str]]:
     return options
 
 
-@pytest.mark.parametrize("command", ["fold", "inspect", "check"])
+@pytest.mark.parametrize("command", ["fold", "inspect", "check", "calibrate"])
 def test_synopsis_options_exist(command):
     shown = _synopsis_options()[command]
     assert shown, f"README shows no options for {command}"
