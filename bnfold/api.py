@@ -16,7 +16,8 @@ from pathlib import Path
 
 import onnx
 
-from bnfold.errors import ModelLoadError, UsageError, ValidationFailed
+from bnfold import rounding as rounding_
+from bnfold.errors import ModelLoadError, UnsupportedModelError, UsageError, ValidationFailed
 from bnfold.graph import GraphIndex, NameSet, all_names, subgraphs
 from bnfold.modelio import load_model, save_model, uses_external_data
 from bnfold.passes import FINAL_PASSES, FOLD_PASSES, PATTERNS
@@ -46,6 +47,7 @@ def fold(
     keep_unfoldable: bool = False,
     inputs_as_constants: bool = False,
     validate: bool | Mapping = False,
+    rounding: str = rounding_.DEFAULT,
 ) -> FoldResult:
     """Fold every foldable normalization node of ``model``; explain the rest.
 
@@ -62,6 +64,10 @@ def fold(
             record it in ``result.check``: True for the defaults, or a mapping of ``check``
             keyword arguments (``providers``, ``samples``, ``rtol``...). A failed check is
             recorded, not raised (``result.check.passed``).
+        rounding: how folded float16/bfloat16 weights are rounded: ``"nearest"`` (each
+            within ½ ULP) or ``"compensated"`` (each one of its two neighbours, chosen so
+            that the rounding errors cancel along every output channel; see
+            :mod:`bnfold.rounding`). float32/float64 always round to nearest.
 
     Returns:
         FoldResult with the folded model and the report (one entry per normalization node).
@@ -79,7 +85,7 @@ def fold(
     else:
         raise TypeError(f"fold: expected an onnx.ModelProto or a path, got {type(model).__name__}")
     result = _fold_owned(work, pristine, enabled, keep_unfoldable=keep_unfoldable,
-                         inputs_as_constants=inputs_as_constants)
+                         inputs_as_constants=inputs_as_constants, rounding=parse_rounding(rounding))
     if validate:
         reference = model if isinstance(model, onnx.ModelProto) else Path(model)
         result.check = run_check(reference, result.model, validate)
@@ -91,7 +97,17 @@ def run_check(reference, candidate: onnx.ModelProto, validate: bool | Mapping):
     from bnfold.validation import check  # onnxruntime is loaded only when a check runs
 
     options = {} if validate is True else dict(validate)
-    return check(reference, candidate, **options)
+    report = check(reference, candidate, **options)
+    report.candidate = "the folded model (in memory, before writing)"
+    return report
+
+
+def parse_rounding(value: str) -> str:
+    """A :mod:`bnfold.rounding` strategy name, or UsageError naming the valid ones."""
+    try:
+        return rounding_.check_strategy(str(value).strip().lower())
+    except ValueError as exc:
+        raise UsageError(f"rounding: {exc}") from None
 
 
 def enabled_patterns(skip, only) -> frozenset[str]:
@@ -101,17 +117,20 @@ def enabled_patterns(skip, only) -> frozenset[str]:
 
 
 def _fold_owned(work: onnx.ModelProto, pristine, enabled: frozenset[str], *, keep_unfoldable: bool,
-                inputs_as_constants: bool, measure: bool = True) -> FoldResult:
+                inputs_as_constants: bool, measure: bool = True, rounding: str = rounding_.DEFAULT,
+                tensors=None) -> FoldResult:
     """Fold ``work`` in place (the caller owns it); ``pristine()`` gives the unfolded model.
 
     ``measure=False`` leaves the byte sizes to the caller (ByteSize() costs a serialization).
+    ``tensors``: the streamed fold's tensor store (``bnfold.stream.store``), else None.
     """
     report = FoldReport(nodes_before=count_nodes(work), bytes_before=work.ByteSize() if measure else 0)
     entries = []
     names = NameSet(all_names(work))
     inferred = _LazyTypes(pristine)
     opset = default_opset(work.opset_import)
-    common = dict(names=names, ir_version=work.ir_version, inputs_as_constants=inputs_as_constants, inferred=inferred)
+    common = dict(names=names, ir_version=work.ir_version, inputs_as_constants=inputs_as_constants, inferred=inferred,
+                  tensors=tensors)
 
     def process(body, path: str, outer: GraphIndex | None, body_opset: int) -> None:
         index = GraphIndex(body, path=path, outer=outer, **common)
@@ -120,7 +139,7 @@ def _fold_owned(work: onnx.ModelProto, pristine, enabled: frozenset[str], *, kee
                 prefix = f"{path}/" if path else ""
                 process(graph, f"{prefix}{index.node_name(node)}/{attr_name}", index, body_opset)
         index.rescan_subgraphs()
-        ctx = FoldContext(index, body_opset, enabled, keep_unfoldable)
+        ctx = FoldContext(index, body_opset, enabled, keep_unfoldable, rounding=rounding)
         for _ in range(_MAX_ROUNDS):
             changed = False
             for p in FOLD_PASSES:
@@ -152,7 +171,8 @@ def default_output_path(src: str | os.PathLike) -> Path:
 
 
 def fold_file(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, in_place: bool = False,
-              validate: bool | Mapping = False, force: bool = False, **options) -> FoldResult:
+              validate: bool | Mapping = False, force: bool = False, partial: bool = False,
+              **options) -> FoldResult:
     """Fold the model in ``src`` and write it atomically to ``dst``.
 
     Args:
@@ -164,12 +184,26 @@ def fold_file(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, i
             :func:`bnfold.check` options) before anything is written.
         force: write the folded model even if its check failed (``result.check.passed``
             tells); without it a failed check raises ValidationFailed and writes nothing.
-        **options: as for :func:`fold`.
+        partial: write the model even when some BN cannot be folded because the input is
+            unusable for inference folding (``result.report.blocking()``: training mode,
+            parameters that are not constants, NaN/inf, negative variance, mismatched
+            shapes); those BNs are kept. Without it such a model raises
+            UnsupportedModelError and nothing is written.
+        **options: as for :func:`fold`, plus ``progress(done, total)`` (bytes; called while a
+            fold without validation writes).
+
+    Without ``validate`` the file is folded by :mod:`bnfold.stream`: memory-mapped, only the
+    tensors a fold touches are read, and the output is written by streaming (same report,
+    same bytes); ``result.model`` then keeps its big tensors in the written file(s), as
+    external-data references (``onnx.load(result.output)`` reads them).
 
     Returns:
         FoldResult; ``result.output`` is the written path.
 
     Raises:
+        ModelLoadError: the file is unreadable or fails ``onnx.checker`` (no full check).
+        UnsupportedModelError: opset < 7, an operator domain onnxruntime does not implement,
+            or (without ``partial``) a BN the input makes unfoldable.
         ValidationFailed: the check failed and ``force`` is false; ``exc.result`` holds the
             FoldResult with its check report.
     """
@@ -177,10 +211,21 @@ def fold_file(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, i
     if dst is None:
         dst = src if in_place else default_output_path(src)
     enabled = enabled_patterns(options.pop("skip", ()), options.pop("only", None))
-    unknown = set(options) - {"keep_unfoldable", "inputs_as_constants"}
+    progress = options.pop("progress", None)
+    unknown = set(options) - {"keep_unfoldable", "inputs_as_constants", "rounding"}
     if unknown:
         raise TypeError(f"fold_file() got unexpected keyword argument(s) {', '.join(sorted(unknown))}")
-    model = load_model(src, load_external_data=False)
+    rounding = parse_rounding(options.get("rounding", rounding_.DEFAULT))  # a bad option before any I/O
+    if not validate:
+        # Nothing needs the whole model in memory: fold straight from a memory map of the file
+        # and write by streaming (bnfold.stream); same report, same bytes.
+        from bnfold.stream.foldfile import fold_file_streamed
+
+        return fold_file_streamed(src, Path(dst), enabled, in_place=in_place, partial=partial, progress=progress,
+                                  keep_unfoldable=bool(options.get("keep_unfoldable", False)),
+                                  inputs_as_constants=bool(options.get("inputs_as_constants", False)),
+                                  rounding=rounding)
+    model = load_model(src, load_external_data=False, check=True)
     external = uses_external_data(model)
     if external:
         model = load_model(src)
@@ -188,7 +233,11 @@ def fold_file(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, i
     result = _fold_owned(model, lambda: load_model(src), enabled, measure=False, **{
         "keep_unfoldable": bool(options.get("keep_unfoldable", False)),
         "inputs_as_constants": bool(options.get("inputs_as_constants", False)),
+        "rounding": rounding,
     })
+    blocking = result.report.blocking()
+    if blocking and not partial:
+        raise UnsupportedModelError(blocking_message(src, blocking))
     if validate:
         result.check = run_check(src, result.model, validate)
         if not result.check.passed and not force:
@@ -204,6 +253,17 @@ def fold_file(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, i
     written = load_model(result.output, load_external_data=False) if external_data else result.model
     result.report.bytes_after = _file_sizes(result.output, written)
     return result
+
+
+def blocking_message(src, blocking) -> str:
+    """One line: the first BN the input makes unfoldable, why, and what would help."""
+    first = blocking[0]
+    where = f"BatchNormalization {first.node!r}" + (f" (in {first.graph})" if first.graph else "")
+    more = f" (and {len(blocking) - 1} more)" if len(blocking) > 1 else ""
+    hint = ("--inputs-as-constants treats such parameters as constants; "
+            if any(e.hint == "inputs_as_constants" for e in blocking) else "")
+    return (f"{src}: {where} cannot be folded{more}: {first.reason}; nothing written "
+            f"({hint}--partial writes the model with it kept)")
 
 
 def _file_sizes(path: Path, model: onnx.ModelProto) -> int:

@@ -8,13 +8,21 @@ Writing is atomic: the model (and its external data, if any) is written into a f
 folder beside the destination, flushed, then renamed into place, data first and the model
 last. A failed or interrupted write leaves the destination as it was; an input file is never
 overwritten unless the caller says ``in_place=True``.
+
+The staging folder is ``.<name>.<random>.tmp`` in the destination's folder. A process killed
+mid-write (SIGKILL, power loss) cannot remove it; the next write to the same destination
+removes such folders once they are older than :data:`STALE_STAGING_SECONDS` (an hour: far
+longer than any write, so a concurrent writer's live folder is never touched).
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import onnx
@@ -27,8 +35,10 @@ PROTOBUF_LIMIT = 2**31 - 2**24
 
 PathLike = str | os.PathLike
 
+STALE_STAGING_SECONDS = 3600
 
-def load_model(path: PathLike, *, load_external_data: bool = True) -> onnx.ModelProto:
+
+def load_model(path: PathLike, *, load_external_data: bool = True, check: bool = False) -> onnx.ModelProto:
     """Load an ONNX model, or raise ModelLoadError with one line naming the problem.
 
     Args:
@@ -36,6 +46,8 @@ def load_model(path: PathLike, *, load_external_data: bool = True) -> onnx.Model
         load_external_data: read tensors stored in external files into the model. Their
             locations are checked first either way: relative, inside the model's folder
             (symbolic links resolved), present and long enough.
+        check: also run ``onnx.checker`` (no full check) on the bytes read and the cheap
+            fold preconditions of :mod:`bnfold.inputcheck` (opset >= 7, known domains).
     """
     path = Path(path)
     if not path.exists():
@@ -50,6 +62,11 @@ def load_model(path: PathLike, *, load_external_data: bool = True) -> onnx.Model
         raise ModelLoadError(f"{path}: is empty (0 bytes), not an ONNX model")
     model = parse_model(data, name=str(path))
     check_external_data(model, path.parent, name=str(path))
+    if check:
+        from bnfold import inputcheck
+
+        inputcheck.check_foldable(model, str(path))  # first: its opset message says more than the checker's
+        inputcheck.check_structure(data, path, external=uses_external_data(model))
     if load_external_data and uses_external_data(model):
         try:
             onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
@@ -89,9 +106,14 @@ def check_external_data(model: onnx.ModelProto, base_dir: PathLike, *, name: str
         if not onnx.external_data_helper.uses_external_data(tensor):
             continue
         info = {e.key: e.value for e in tensor.external_data}
+        if any(isinstance(v, bytes) for kv in info.items() for v in kv):
+            # protobuf hands back bytes for a string field that is not valid UTF-8
+            raise ModelLoadError(f"{name}: tensor {tensor.name!r} has an external-data entry that is not valid UTF-8")
         location = info.get("location", "")
         if not location:
             raise ModelLoadError(f"{name}: tensor {tensor.name!r} has external data without a location")
+        if "\0" in location:  # no file name holds one (os.path would raise ValueError)
+            raise ModelLoadError(f"{name}: tensor {tensor.name!r} external-data path {location!r} contains a NUL byte")
         if os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in location[:3]:
             raise ModelLoadError(
                 f"{name}: tensor {tensor.name!r} has an absolute external-data path {location!r}; "
@@ -137,19 +159,12 @@ def save_model(
         in_place: allow ``dst`` to be ``src``.
     """
     dst = Path(dst)
-    folder = dst.parent if str(dst.parent) else Path(".")
-    if not folder.is_dir():
-        raise OutputError(f"{dst}: cannot write: folder {folder} does not exist")
-    if dst.is_dir():
-        raise OutputError(f"{dst}: cannot write: is a directory")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"{dst}: cannot write: folder {folder} is not writable")
-    if src is not None and not in_place and _same_file(src, dst):
-        raise OutputError(f"{dst}: is the input model; refusing to overwrite it (use --in-place)")
+    folder = check_destination(dst, src=src, in_place=in_place)
 
     if external_data is None:
         external_data = model.ByteSize() > PROTOBUF_LIMIT
 
+    remove_stale_staging(folder, dst.name)
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=folder))
     except OSError as exc:
@@ -177,6 +192,8 @@ def save_model(
                 raise OutputError(f"{dst}: the model is over 2 GB; it must be saved with external data")
             with open(staged_model, "wb") as f:
                 f.write(data)
+            if staged_model.stat().st_size != len(data):  # never rename a short file into place
+                raise OutputError(f"{dst}: write failed: wrote {staged_model.stat().st_size} of {len(data)} bytes")
         for name in [*written, dst.name]:
             with open(staging / name, "rb+") as f:
                 os.fsync(f.fileno())
@@ -186,6 +203,90 @@ def save_model(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return dst
+
+
+def check_destination(dst: PathLike, *, src: PathLike | None = None, in_place: bool = False) -> Path:
+    """The folder of ``dst`` once the checks every write makes first passed (OutputError if not)."""
+    dst = Path(dst)
+    folder = dst.parent if str(dst.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError(f"{dst}: cannot write: folder {folder} does not exist")
+    if dst.is_dir():
+        raise OutputError(f"{dst}: cannot write: is a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{dst}: cannot write: folder {folder} is not writable")
+    if src is not None and not in_place and _same_file(src, dst):
+        raise OutputError(f"{dst}: is the input model; refusing to overwrite it (use --in-place)")
+    return folder
+
+
+class StagedOutput:
+    """The staging folder of one atomic write (see the module docstring): write files into
+    :meth:`path`, then :meth:`commit` flushes them and renames them into place, data first."""
+
+    def __init__(self, dst: Path, folder: Path, staging: Path):
+        self.dst, self.folder, self.staging = dst, folder, staging
+        self._data_name: str | None = None
+
+    def path(self, name: str) -> Path:
+        return self.staging / name
+
+    def data_name(self) -> str:
+        """The external-data file name for this write (never one an existing model uses)."""
+        if self._data_name is None:
+            self._data_name = _fresh_data_name(self.folder, self.dst.name)
+        return self._data_name
+
+    def commit(self, data_names: list[str] = ()) -> Path:
+        try:
+            for name in [*data_names, self.dst.name]:
+                with open(self.staging / name, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(self.staging / name, self.folder / name)
+        except OSError as exc:
+            raise OutputError(f"{self.dst}: write failed: {exc.strerror or exc}") from exc
+        return self.dst
+
+
+@contextlib.contextmanager
+def staged_output(dst: PathLike, *, src: PathLike | None = None, in_place: bool = False):
+    """A :class:`StagedOutput` for ``dst`` (the checks of :func:`save_model` first); the staging
+    folder is removed on the way out, so anything not committed leaves no trace."""
+    dst = Path(dst)
+    folder = check_destination(dst, src=src, in_place=in_place)
+    remove_stale_staging(folder, dst.name)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=folder))
+    except OSError as exc:
+        raise OutputError(f"{dst}: cannot write: {exc.strerror or exc}") from exc
+    try:
+        yield StagedOutput(dst, folder, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_stale_staging(folder: Path, name: str, *, max_age: float = STALE_STAGING_SECONDS) -> list[Path]:
+    """Remove staging folders ``.<name>.*.tmp`` in ``folder`` older than ``max_age`` seconds.
+
+    Left behind by killed writers; only real folders of exactly that pattern, never a
+    symbolic link or a file. Best effort: a folder that cannot be removed is left alone.
+    """
+    removed = []
+    now = time.time()
+    try:
+        candidates = list(folder.glob(f".{glob.escape(name)}.*.tmp"))
+    except OSError:
+        return removed
+    for path in candidates:
+        try:
+            if path.is_symlink() or not path.is_dir() or now - path.lstat().st_mtime < max_age:
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            removed.append(path)
+    return removed
 
 
 def _fresh_data_name(folder: Path, model_name: str) -> str:

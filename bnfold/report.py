@@ -31,6 +31,12 @@ class NodeReport:
     reason: str | None
     producer: str | None = None
     consumers: tuple[str, ...] = ()
+    # KEPT because the INPUT is unusable for inference folding (training mode, parameters
+    # that are not constants, NaN/inf, negative variance, mismatched shapes), as opposed to
+    # kept on request or for want of a neighbour. ``fold_file``/``bnfold fold`` refuse such a
+    # model unless asked for a partial fold. ``hint`` names the option that would help.
+    blocking: bool = False
+    hint: str | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -43,6 +49,8 @@ class NodeReport:
             "reason": self.reason,
             "producer": self.producer,
             "consumers": list(self.consumers),
+            "blocking": self.blocking,
+            "hint": self.hint,
         }
 
 
@@ -62,6 +70,10 @@ class FoldReport:
 
     def kept(self) -> list[NodeReport]:
         return [e for e in self.entries if e.action is Action.KEPT]
+
+    def blocking(self) -> list[NodeReport]:
+        """Entries kept because the input model is unusable for inference folding."""
+        return [e for e in self.entries if e.blocking]
 
     def counts(self) -> dict[str, int]:
         """``found`` = folded + rewritten + kept (every entry, chain Mul/Add included);

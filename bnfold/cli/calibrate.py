@@ -16,7 +16,6 @@ from pathlib import Path
 
 import click
 
-from bnfold.calibration import calibrate
 from bnfold.cli import debug_option
 from bnfold.cli.check import progress_bar
 from bnfold.cli.fold import render_summary
@@ -86,6 +85,8 @@ def calibrate_command(model, stats_files, data, output, in_place, merge, batch_s
     _check_destination(dst, src if src.exists() else None, in_place, "the model")
     if save_stats:
         _check_destination(Path(save_stats), None, False, "the statistics")
+
+    from bnfold.calibration import calibrate  # loads onnxruntime: only when this command runs
 
     with progress_bar("calibrating") as bar:
         progress = None if bar is None else (lambda done, total: bar(done, total) if total else None)

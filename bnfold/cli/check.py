@@ -14,9 +14,10 @@ import click
 
 from bnfold.cli import debug_option
 from bnfold.errors import UsageError
-from bnfold.validation import check, write_json, write_junit
-from bnfold.validation.render import to_json
-from bnfold.validation.sessions import OPT_LEVELS
+
+# onnxruntime is imported when a check runs, not when the CLI starts (`bnfold fold --no-validate`
+# never needs it). The level names of bnfold.validation.sessions.OPT_LEVELS (a test keeps them equal).
+OPT_LEVEL_NAMES = ("disable", "basic", "extended", "all")
 
 #: The keyword names :func:`validation_options` adds to a command (popped by check_kwargs).
 VALIDATION_PARAMS = ("inputs", "providers", "rtol", "atol", "samples", "seed", "dim",
@@ -47,7 +48,7 @@ def validation_options(f):
         click.option("--dim", "dim", multiple=True, metavar="NAME=SIZE",
                      help="Size of a symbolic input dimension, e.g. --dim batch=8 (repeatable). "
                           "Default: 1 for a dynamic first axis, 8 for others."),
-        click.option("--ort-opt-level", type=click.Choice(list(OPT_LEVELS), case_sensitive=False),
+        click.option("--ort-opt-level", type=click.Choice(list(OPT_LEVEL_NAMES), case_sensitive=False),
                      default="disable", show_default=True,
                      help="onnxruntime graph optimizations for both models (disable: onnxruntime "
                           "does not fold BN in the reference itself)."),
@@ -132,6 +133,8 @@ def check_command(reference: str, candidate: str, json_path: str | None, junit_p
 
     Exit status: 0 equivalent, 1 not equivalent, 2 usage error or unreadable model.
     """
+    from bnfold.validation import check, to_json, write_json, write_junit
+
     kwargs = check_kwargs(params)
     with progress_bar() as progress:
         report = check(reference, candidate, progress=progress, **kwargs)

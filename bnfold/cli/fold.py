@@ -15,6 +15,7 @@ from bnfold.cli import debug_option
 from bnfold.cli.check import check_kwargs, progress_bar, validation_options
 from bnfold.errors import UsageError, ValidationFailed
 from bnfold.report import FoldReport, NodeReport
+from bnfold.rounding import DEFAULT, STRATEGIES
 
 
 def _pattern_options(f):
@@ -87,24 +88,35 @@ def render_inspect(report: FoldReport, source: str) -> str:
               help="Check the folded model against the original with onnxruntime before writing it.")
 @click.option("--force", is_flag=True,
               help="Write the folded model even if its check fails (the exit status is still 1).")
+@click.option("--partial", is_flag=True,
+              help="Write the model even if some BN cannot be folded because the input is unusable "
+                   "for inference folding (training mode, non-constant or invalid parameters); "
+                   "those BNs are kept.")
+@click.option("--rounding", type=click.Choice(STRATEGIES), default=DEFAULT, show_default=True,
+              help="How folded float16/bfloat16 weights are rounded: nearest (each within 1/2 ULP) or "
+                   "compensated (each one of its two neighbours, chosen so that rounding errors cancel "
+                   "along every output channel). float32/float64 always round to nearest.")
 @validation_options
 @debug_option
 def fold_command(model, output, in_place, skip, only, keep_unfoldable, inputs_as_constants, as_json,
-                 validate, force, **params):
+                 validate, force, partial, rounding, **params):
     """Fold every foldable BatchNormalization of IN.onnx, explain the rest, check the result.
 
     Exit status: 0 folded (and equivalent), 1 the folded model is not equivalent (nothing
-    written unless --force), 2 bad input or usage.
+    written unless --force), 2 bad input or usage (incl. a BN the input makes unfoldable,
+    unless --partial).
     """
     if output and in_place:
         raise UsageError("--output and --in-place: give one or the other")
     check_options = check_kwargs(params)
     try:
-        with progress_bar("validating") as progress:
+        # a bar on a terminal only, for work that lasts (a big fold's writing, or the check)
+        with progress_bar("validating" if validate else "folding") as progress:
             result = fold_file(model, output, in_place=in_place, skip=skip, only=only,
                                keep_unfoldable=keep_unfoldable, inputs_as_constants=inputs_as_constants,
                                validate={**check_options, "progress": progress} if validate else False,
-                               force=force)
+                               force=force, partial=partial, rounding=rounding,
+                               progress=None if validate else progress)
     except ValidationFailed as exc:
         if exc.result is not None:
             _render(exc.result, model, as_json)

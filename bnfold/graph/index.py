@@ -67,8 +67,12 @@ class GraphIndex:
         inputs_as_constants: bool = False,
         outer: GraphIndex | None = None,
         inferred: Callable[[], dict[str, onnx.TypeProto]] | None = None,
+        tensors=None,
     ):
         self.proto = proto
+        # Streamed folds (bnfold.stream): reads external/placeholder tensors and builds folded
+        # ones (``load(tensor)``, ``make(name, value)``). None: external data is not a constant.
+        self.tensors = tensors
         self.path = path
         self.names = names
         self.outer = outer
@@ -191,7 +195,8 @@ class GraphIndex:
             if name in self.inputs and not (self.ir_version < 4 or self.inputs_as_constants):
                 return None
             if self.initializers[name].data_location == onnx.TensorProto.EXTERNAL:
-                return None  # its bytes were not loaded
+                # its bytes were not loaded, unless a streamed fold can read them
+                return None if self.tensors is None else self.tensors.load(self.initializers[name])
             return tensor_value(self.initializers[name])
         node = self.producer.get(name)
         if node is not None:
@@ -217,7 +222,8 @@ class GraphIndex:
         """A human reason ``name`` is not a constant (call when :meth:`constant` gave None)."""
         if not name:
             return "is absent"
-        if name in self.initializers and self.initializers[name].data_location == onnx.TensorProto.EXTERNAL:
+        if (name in self.initializers and self.tensors is None
+                and self.initializers[name].data_location == onnx.TensorProto.EXTERNAL):
             return f"{name!r} is stored in external data that was not loaded (pass the model's path instead)"
         if name in self.initializers and name in self.inputs:
             return (f"{name!r} is an initializer that is also a graph input (overridable at run time; "
@@ -348,11 +354,11 @@ class GraphIndex:
         """Make input ``slot`` of ``node`` the constant ``value`` (see module docstring)."""
         name = node.input[slot] if slot < len(node.input) else ""
         if name and self._sole_user(node, name):
-            self.initializers[name].CopyFrom(make_tensor(name, value))
+            self.initializers[name].CopyFrom(self._make_tensor(name, value))
             self._const_cache.pop(name, None)
             return
         new = self.names.fresh(base)
-        tensor = make_tensor(new, value)
+        tensor = self._make_tensor(new, value)
         if self.is_function:
             const = onnx.helper.make_node("Constant", [], [new], name=self.names.fresh(f"{new}_const"), value=tensor)
             self.insert_before(node, [const])
@@ -363,13 +369,19 @@ class GraphIndex:
     def add_constant(self, value: np.ndarray, base: str, before: onnx.NodeProto) -> str:
         """A new constant tensor (initializer, or Constant node in a function body)."""
         new = self.names.fresh(base)
-        tensor = make_tensor(new, value)
+        tensor = self._make_tensor(new, value)
         if self.is_function:
             const = onnx.helper.make_node("Constant", [], [new], name=self.names.fresh(f"{new}_const"), value=tensor)
             self.insert_before(before, [const])
         else:
             self._add_initializer(tensor)
         return new
+
+    def _make_tensor(self, name: str, value: np.ndarray) -> onnx.TensorProto:
+        # Only main-graph initializers may be placeholders (the streamed writer splices them).
+        if self.tensors is not None and not self.is_function and self.outer is None:
+            return self.tensors.make(name, value)
+        return make_tensor(name, value)
 
     def _add_initializer(self, tensor: onnx.TensorProto) -> None:
         added = self.proto.initializer.add()

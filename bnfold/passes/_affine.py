@@ -70,10 +70,64 @@ def bn_affine_or_reason(ctx: FoldContext, node: onnx.NodeProto) -> tuple[Affine 
         values = [v.reshape(v.shape[0], -1)[:, 0] if v.ndim > 1 else v for v in values]
     if any(v.ndim != 1 for v in values):
         return None, f"parameters have shapes {[v.shape for v in values]}, expected 1-D per-channel vectors"
+    if len({v.shape for v in values}) != 1:
+        return None, f"parameters have different lengths {[v.shape[0] for v in values]}"
+    with np.errstate(invalid="ignore"):  # a NaN of a narrow dtype warns on the cast; it is reported below
+        as64 = [v.astype(np.float64) for v in values]
+    for label, v, v64 in zip(BN_PARAMS, values, as64):
+        bad = np.flatnonzero(~np.isfinite(v64))
+        if bad.size:
+            return None, f"parameter {label} is not finite ({v[bad[0]]} in channel {bad[0]})"
+    negative = np.flatnonzero(as64[3] < 0)
+    if negative.size:
+        return None, f"parameter var is negative ({values[3][negative[0]]} in channel {negative[0]})"
+    channels = input_channels(ix, node.input[0])
+    if channels is not None and channels != values[0].shape[0]:
+        return None, f"has {values[0].shape[0]} channels but its input {node.input[0]!r} has {channels}"
     try:
         return bn_affine(*values, epsilon=float(attr(node, "epsilon", 1e-5))), None
     except ValueError as exc:
         return None, f"cannot compute its affine map: {exc}"
+
+
+def input_channels(ix, name: str) -> int | None:
+    """Axis-1 size of ``name`` when declared or fixed by a linear producer's constant weight.
+
+    Cheap on purpose (no shape inference): a declared value_info, or the weight of the
+    Conv/ConvTranspose/Gemm/MatMul that produces it.
+    """
+    t = ix.value_types.get(name)
+    if t is not None and t.HasField("tensor_type") and len(t.tensor_type.shape.dim) > 1:
+        dim = t.tensor_type.shape.dim[1]
+        if dim.HasField("dim_value") and dim.dim_value > 0:
+            return int(dim.dim_value)
+    node = ix.producer_of(name)
+    if node is None or node.domain not in ("", "ai.onnx") or len(node.input) < 2 or node.output[0] != name:
+        return None
+    shape = ix.weight_shape(node.input[1])
+    if not shape:
+        return None
+    if node.op_type == "Conv" and len(shape) >= 3:
+        return shape[0]
+    if node.op_type == "ConvTranspose" and len(shape) >= 3:
+        return shape[1] * int(attr(node, "group", 1))
+    if node.op_type == "Gemm" and len(shape) == 2:
+        return shape[0] if attr(node, "transB", 0) else shape[1]
+    if node.op_type == "MatMul" and len(shape) == 2 and ix.rank(node.input[0]) == 2:
+        return shape[1]
+    return None
+
+
+def unusable_hint(ctx: FoldContext, node: onnx.NodeProto) -> str | None:
+    """The option that would make a kept BN foldable: ``inputs_as_constants`` when one of its
+    parameters is an initializer that is also a graph input."""
+    ix = ctx.index
+    if ix.inputs_as_constants:
+        return None
+    for name in node.input[1:5]:
+        if name in ix.initializers and name in ix.inputs:
+            return "inputs_as_constants"
+    return None
 
 
 def _constant_beyond_axis0(v: np.ndarray) -> bool:
@@ -235,8 +289,11 @@ def fold_chain(ctx: FoldContext, linear: Linear, producer: onnx.NodeProto, targe
     while True:
         consumers = ix.consumers_of(name)
         if len(consumers) != 1 or ix.is_output(name):
-            if len(consumers) > 1 or ix.is_output(name):
-                why = f"the output of {ix.node_name(ix.producer_of(name))!r} has other users or is a graph output"
+            owner = f"the output of {ix.node_name(ix.producer_of(name))!r}"
+            if ix.is_output(name):
+                why = f"{owner} is a graph output"
+            elif len(consumers) > 1:
+                why = f"{owner} feeds several nodes {[ix.node_name(c) for c in consumers]}"
             break
         node = consumers[0]
         if node.op_type in AXIS_MOVERS and linear.op_type in ("MatMul", "Gemm"):

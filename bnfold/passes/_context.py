@@ -18,12 +18,19 @@ class FoldContext:
     opset: int
     enabled: frozenset[str]
     keep_unfoldable: bool = False
+    rounding: str = "nearest"  # bnfold.rounding strategy for folded float16/bfloat16 weights
     entries: list[tuple[int, NodeReport]] = field(default_factory=list)
     # why a BN was not folded, per pattern that looked at it: id(node) -> {pattern: reason}
     refusals: dict[int, dict[str, str]] = field(default_factory=dict)
     neighbours: dict[int, tuple[str | None, tuple[str, ...]]] = field(default_factory=dict)
+    # per-channel (mean, var) of tensors, read off the unedited graph for compensated rounding
+    moments: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.rounding != "nearest":
+            from bnfold.passes._moments import channel_moments  # imports _affine, which imports us
+
+            self.moments = channel_moments(self)
         # Producer and consumers as they were before any edit: what the report shows.
         ix = self.index
         for node in ix.nodes:
@@ -43,10 +50,12 @@ class FoldContext:
         self.refusals.setdefault(id(node), {})[pattern] = reason
 
     def record(self, node: onnx.NodeProto, action: Action, *, target_kind: str | None = None,
-               target: str | None = None, reason: str | None = None) -> None:
+               target: str | None = None, reason: str | None = None, blocking: bool = False,
+               hint: str | None = None) -> None:
         producer, consumers = self.neighbours.get(id(node), (None, ()))
         entry = NodeReport(
             node=self.index.node_name(node), op_type=node.op_type, graph=self.index.path, action=action,
             target_kind=target_kind, target=target, reason=reason, producer=producer, consumers=consumers,
+            blocking=blocking, hint=hint,
         )
         self.entries.append((self.index.order_of(node), entry))

@@ -6,8 +6,10 @@ the convolution, per output channel, and W[o] only ever feeds output channel o.
 
 from __future__ import annotations
 
-from bnfold.numerics import fold_bias, round_checked, scale_rows_checked
-from bnfold.passes._affine import Linear, run_linear
+from bnfold import rounding as rounding_
+from bnfold.numerics import fold_bias, forward_channel_map, round_checked, scale_rows_checked
+from bnfold.passes._affine import Linear, attr, run_linear
+from bnfold.passes._moments import input_stats
 from bnfold.passes._weights import constant_input, folded_name, required_weight
 
 
@@ -37,9 +39,16 @@ class ConvLinear(Linear):
         w = ix.constant(node.input[1])
         b, _ = constant_input(ctx, node, 2, "bias B")
         s, t = affine
+        b64 = fold_bias(b, s, t)
+        # only compensated rounding reads the channel map (input_stats is None otherwise): skip
+        # building a C_out x C_in/g index array per conv when it does not apply
+        channel = (forward_channel_map(w.shape, int(attr(node, "group", 1))).reshape(w.shape[:2] + (1,) * (w.ndim - 2))
+                   if rounding_.applies(ctx.rounding, w.dtype) else None)
+        stats = input_stats(ctx, node.input[0], channel, b64, w.dtype)  # None unless compensated rounding
         # W' = s·W fused with its rounding (numerics.scale_rows_checked); b' = s·b + t
-        w_new = scale_rows_checked(w, s, w.dtype, what=f"weights of Conv {name!r}")
-        b_new = round_checked(fold_bias(b, s, t), w.dtype, what=f"bias of Conv {name!r}")
+        w_new = scale_rows_checked(w, s, w.dtype, what=f"weights of Conv {name!r}", rounding=ctx.rounding,
+                                   stats=stats)
+        b_new = round_checked(b64, w.dtype, what=f"bias of Conv {name!r}")
         ix.write_input(node, 1, w_new, folded_name(ctx, node, 1, "W"))
         ix.write_input(node, 2, b_new, folded_name(ctx, node, 2, "B"))
         return node.output[0]

@@ -7,8 +7,11 @@ g = 1 mixes the groups' channels): the channel map lives in ``numerics``.
 
 from __future__ import annotations
 
+import numpy as np
+
 from bnfold.numerics import conv_transpose_rows, fold_conv_transpose, round_checked
 from bnfold.passes._affine import Linear, attr, run_linear
+from bnfold.passes._moments import input_stats
 from bnfold.passes._weights import constant_input, folded_name, required_weight
 
 
@@ -40,8 +43,10 @@ class ConvTransposeLinear(Linear):
         w = ix.constant(node.input[1])
         b, _ = constant_input(ctx, node, 2, "bias B")
         w64, b64 = fold_conv_transpose(w, b, *affine, groups=groups)
+        channel = np.arange(w.shape[0]).reshape((-1,) + (1,) * (w.ndim - 1))  # W[i] reads input channel i
+        stats = input_stats(ctx, node.input[0], channel, b64, w.dtype)
         w_new = round_checked(w64, w.dtype, what=f"weights of ConvTranspose {name!r}",
-                              rows=lambda a: conv_transpose_rows(a, groups))
+                              rows=lambda a: conv_transpose_rows(a, groups), rounding=ctx.rounding, stats=stats)
         b_new = round_checked(b64, w.dtype, what=f"bias of ConvTranspose {name!r}")
         ix.write_input(node, 1, w_new, folded_name(ctx, node, 1, "W"))
         ix.write_input(node, 2, b_new, folded_name(ctx, node, 2, "B"))

@@ -10,9 +10,10 @@ outputs sum different numbers of inputs, so the shift t·ΣW is not uniform.
 
 from __future__ import annotations
 
-from bnfold.numerics import conv_rows, fold_forward_conv, round_checked
+from bnfold.numerics import conv_rows, fold_forward_conv, forward_channel_map, round_checked
 from bnfold.numerics import PrecisionRefused
 from bnfold.passes._affine import attr, bn_affine_or_reason
+from bnfold.passes._moments import input_stats
 from bnfold.passes._weights import constant_input, folded_name, required_weight
 from bnfold.report import Action
 
@@ -76,9 +77,13 @@ class ForwardPass:
                 continue
             b, _ = constant_input(ctx, conv, 2, "bias B")
             w64, b64 = fold_forward_conv(w, b, *affine, groups=groups)
+            # after the fold the Conv reads the BN's input, whose moments are the BN's statistics
+            channel = forward_channel_map(w.shape, groups).reshape(w.shape[:2] + (1,) * (w.ndim - 2))
+            stats = input_stats(ctx, bn.input[0], channel, b64, w.dtype)
             name = ix.node_name(conv)
             try:
-                w_new = round_checked(w64, w.dtype, what=f"weights of Conv {name!r}", rows=conv_rows)
+                w_new = round_checked(w64, w.dtype, what=f"weights of Conv {name!r}", rows=conv_rows,
+                                      rounding=ctx.rounding, stats=stats)
                 b_new = round_checked(b64, w.dtype, what=f"bias of Conv {name!r}")
             except PrecisionRefused as exc:
                 ctx.refuse(bn, "forward", str(exc))

@@ -8,10 +8,12 @@ untouched.
 
 from __future__ import annotations
 
+import numpy as np
 from onnx import helper
 
 from bnfold.numerics import column_rows, conv_rows, fold_gemm, round_checked
 from bnfold.passes._affine import Linear, attr, run_linear
+from bnfold.passes._moments import input_stats
 from bnfold.passes._weights import constant_input, folded_name, required_weight
 
 
@@ -40,7 +42,14 @@ class GemmLinear(Linear):
         b = ix.constant(node.input[1])
         c, _ = constant_input(ctx, node, 2, "C")
         b64, c64 = fold_gemm(b, c, *affine, trans_b=trans_b, beta=float(attr(node, "beta", 1.0)))
-        b_new = round_checked(b64, b.dtype, what=f"B of Gemm {name!r}", rows=conv_rows if trans_b else column_rows)
+        # input feature k of A (axis 1 unless transA) multiplies B[k, :] (B[:, k] with transB)
+        channel = np.arange(b.shape[1 if trans_b else 0]).reshape((1, -1) if trans_b else (-1, 1))
+        data = None if attr(node, "transA", 0) else node.input[0]
+        per_feature = c64 if c64.size == affine[0].shape[0] else None  # an [M, F] C is not per channel
+        # α·A·B̃: the weights multiply α·x, so α scales the input statistics
+        stats = input_stats(ctx, data, channel, per_feature, b.dtype, scale=float(attr(node, "alpha", 1.0)))
+        b_new = round_checked(b64, b.dtype, what=f"B of Gemm {name!r}", rows=conv_rows if trans_b else column_rows,
+                              rounding=ctx.rounding, stats=stats)
         c_new = round_checked(c64, b.dtype, what=f"C of Gemm {name!r}")
         ix.write_input(node, 1, b_new, folded_name(ctx, node, 1, "B"))
         ix.write_input(node, 2, c_new, folded_name(ctx, node, 2, "C"))

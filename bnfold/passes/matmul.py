@@ -12,10 +12,12 @@ bias Add goes right after the MatMul, before the axis movers, which stay.
 
 from __future__ import annotations
 
+import numpy as np
 from onnx import helper
 
 from bnfold.numerics import column_rows, fold_matmul, round_checked
 from bnfold.passes._affine import Linear, run_linear
+from bnfold.passes._moments import input_stats
 from bnfold.passes._weights import folded_name, required_weight
 
 
@@ -46,7 +48,10 @@ class MatMulLinear(Linear):
         name = ix.node_name(node)
         b = ix.constant(node.input[1])
         b64, bias64 = fold_matmul(b, None, *affine)
-        b_new = round_checked(b64, b.dtype, what=f"B of MatMul {name!r}", rows=column_rows)
+        data = node.input[0] if ix.rank(node.input[0]) == 2 else None  # moments are along axis 1
+        stats = input_stats(ctx, data, np.arange(b.shape[0])[:, None], bias64, b.dtype)
+        b_new = round_checked(b64, b.dtype, what=f"B of MatMul {name!r}", rows=column_rows, rounding=ctx.rounding,
+                              stats=stats)
         bias_new = round_checked(bias64, b.dtype, what=f"bias of MatMul {name!r}")
         ix.write_input(node, 1, b_new, folded_name(ctx, node, 1, "B"))
         after = ix.nodes[ix.position(node) + 1]

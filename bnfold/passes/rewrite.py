@@ -14,7 +14,7 @@ from __future__ import annotations
 from onnx import helper
 
 from bnfold.numerics import FLOAT_DTYPES, PrecisionRefused, round_checked
-from bnfold.passes._affine import bn_affine_or_reason, per_position_affine
+from bnfold.passes._affine import bn_affine_or_reason, per_position_affine, unusable_hint
 from bnfold.passes._context import LINEAR_OPS
 from bnfold.report import Action
 
@@ -58,7 +58,8 @@ class RewritePass:
             affine, reason = bn_affine_or_reason(ctx, bn)
             per_position = per_position_affine(ctx, bn) if reason else None
             if reason and per_position is None:
-                ctx.record(bn, Action.KEPT, reason=reason)
+                # Every reason bn_affine_or_reason gives is about the input itself: blocking.
+                ctx.record(bn, Action.KEPT, reason=reason, blocking=True, hint=unusable_hint(ctx, bn))
                 continue
             why = reason or not_folded_reason(ctx, bn)
             if ctx.keep_unfoldable or "rewrite" not in ctx.enabled:

@@ -22,7 +22,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from bnfold.errors import BnfoldError, InputDataError, ModelLoadError, ProviderError, UsageError
+from bnfold.errors import (
+    BnfoldError, InputDataError, ModelLoadError, ProviderError, UnsupportedModelError, UsageError,
+)
 from bnfold.modelio import load_model, uses_external_data
 from bnfold.validation.compare import compare_output
 from bnfold.validation.inputs import (
@@ -89,7 +91,10 @@ def check(
     tolerance = dict(rtol=rtol, atol=atol, reduction=reduction)
 
     if inputs is None:
-        feeds = random_inputs(in_specs, samples=int(samples), seed=int(seed), dims=dict(dims or {}))
+        try:
+            feeds = random_inputs(in_specs, samples=int(samples), seed=int(seed), dims=dict(dims or {}))
+        except InputDataError as exc:  # name the model the inputs were made for (one line, SPEC §4)
+            raise InputDataError(f"{ref.label}: {exc}") from exc
         source = f"random (seed {seed})"
     else:
         feeds, source = _user_inputs(inputs, in_specs)
@@ -156,8 +161,13 @@ def _source(model: ModelLike, role: str) -> ModelSource:
 
 
 def _matching_signature(ref: ModelSource, cand: ModelSource) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    ref_in, cand_in = model_inputs(ref.graph), model_inputs(cand.graph)
-    ref_out, cand_out = model_outputs(ref.graph), model_outputs(cand.graph)
+    signatures = []
+    for source in (ref, cand):
+        try:
+            signatures.append((model_inputs(source.graph), model_outputs(source.graph)))
+        except UnsupportedModelError as exc:  # name the model (one line, SPEC §4)
+            raise UnsupportedModelError(f"{source.label}: {exc}") from exc
+    (ref_in, ref_out), (cand_in, cand_out) = signatures
     what = f"{ref.label} and {cand.label} cannot be compared"
     for kind, a, b in (("inputs", ref_in, cand_in), ("outputs", ref_out, cand_out)):
         names_a, names_b = [s.name for s in a], [s.name for s in b]

@@ -71,7 +71,7 @@ def test_report_counts_and_to_dict(rng):
     assert d["bytes_before"] == model.ByteSize() and d["bytes_after"] == result.model.ByteSize()
     assert d["entries"][0] == {"node": "bn1", "op_type": "BatchNormalization", "graph": "", "action": "folded",
                                "target_kind": "Conv", "target": "conv", "reason": None, "producer": "conv",
-                               "consumers": ["relu"]}
+                               "consumers": ["relu"], "blocking": False, "hint": None}
 
 
 def test_unnamed_nodes_get_stable_synthetic_names(rng):
