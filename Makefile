@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.bnfold-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test bench install clean
 
 install: $(STAMP)
 
@@ -31,6 +31,13 @@ demo: $(STAMP)
 	$(VENV)/bin/bnfold fold $(MODELS)/resnet.onnx -o $(DEMO)/resnet.folded.onnx --inputs $(MODELS)/resnet.inputs.npz
 	@echo
 	$(VENV)/bin/bnfold fold $(MODELS)/preact.onnx -o $(DEMO)/preact.folded.onnx --inputs $(MODELS)/preact.inputs.npz
+
+# The benchmark (bench/RESULTS.md): every tool in its own process, median of 3, ratios against
+# onnx.load + onnx.save. About 30 min; BENCH_ARGS=--skip-large leaves out the 1.47 GB model
+# (whose peers need ~10 GB of memory), BENCH_ARGS=--quick is a one-minute smoke run.
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[torch,test,bench]'
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .hypothesis
