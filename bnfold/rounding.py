@@ -69,20 +69,6 @@ def applies(strategy: str, dtype) -> bool:
     return strategy == COMPENSATED and np.dtype(dtype) in _HALF_TYPES
 
 
-def _other_neighbour(exact: np.ndarray, nearest: np.ndarray) -> np.ndarray:
-    """The representable neighbour of ``exact`` on the other side from ``nearest``.
-
-    Half-precision formats are sign-magnitude, so ±1 on the bit pattern moves the magnitude
-    by one ULP: +1 when the nearest value is below |exact| (also from ±0 to the smallest
-    subnormal, keeping the sign of the zero, which is the sign of ``exact``), −1 when above.
-    """
-    bits = nearest.view(np.uint16).astype(np.int32)
-    mag_exact = np.abs(exact)
-    mag_near = np.abs(nearest.astype(np.float64))
-    step = np.where(mag_near < mag_exact, 1, -1)
-    return (bits + step).astype(np.uint16).view(nearest.dtype)
-
-
 @dataclass(frozen=True)
 class InputStats:
     """What is known about the inputs a layer's weights multiply, for compensated rounding.
@@ -116,38 +102,93 @@ def compensate_rows(exact: np.ndarray, nearest: np.ndarray, mean: np.ndarray | N
         [C, K] in ``nearest``'s dtype: each value either ``nearest`` or its other neighbour;
         per row, the prefix of cheapest flips minimizing E[e²] = R² + Σ σ_j²·δ_j².
     """
+    out = nearest.copy()
     if exact.size == 0:
-        return nearest.copy()
-    shape = exact.shape
+        return out
+    c, k = exact.shape
+    # Only the cheapest few flips of a row are ever taken (about √K, see the module doc);
+    # ranking the cheapest 4√K + 32 keeps the sort small. Rows go in chunks that fit in cache.
+    keep = min(k, 4 * int(np.ceil(np.sqrt(k))) + 32)
+    chunk = max(1, (1 << 16) // k)
+    mean = None if mean is None else np.broadcast_to(np.asarray(mean, np.float64), exact.shape)
+    var = None if var is None else np.broadcast_to(np.asarray(var, np.float64), exact.shape)
+    offset = None if offset is None else np.asarray(offset, np.float64).reshape(c)
+    for lo in range(0, c, chunk):
+        rows = slice(lo, min(c, lo + chunk))
+        out[rows] = _compensate_chunk(exact[rows], nearest[rows], None if mean is None else mean[rows],
+                                      None if var is None else var[rows],
+                                      None if offset is None else offset[rows], keep)
+    return out
+
+
+# Bit patterns (magnitude, sign bit cleared) of the smallest normal and of +inf.
+_LIMITS = {np.dtype(np.float16): (0x0400, 0x7C00), _BFLOAT16: (0x0080, 0x7F80)}
+
+
+def _compensate_chunk(exact, nearest, a, v, offset, keep: int) -> np.ndarray:
+    smallest_normal, infinity = _LIMITS[nearest.dtype]
     near64 = nearest.astype(np.float64)
     delta = near64 - exact
-    other = _other_neighbour(exact, nearest)
-    other64 = other.astype(np.float64)
-    a = np.ones(shape) if mean is None else np.broadcast_to(np.asarray(mean, np.float64), shape)
-    v = np.ones(shape) if var is None else np.broadcast_to(np.asarray(var, np.float64), shape)
-    residual = (a * delta).sum(axis=1)
-    if offset is not None:
-        residual = residual + np.asarray(offset, np.float64)
-    tiny = float(ml_dtypes.finfo(nearest.dtype).smallest_normal)
+    # The other neighbour, on the bit patterns: half-precision formats are sign-magnitude, so
+    # ±1 moves the magnitude by one ULP (from ±0 to the smallest subnormal of the zero's sign,
+    # which is the sign of the exact value); +1 goes toward the exact value when nearest is
+    # below it in magnitude: delta < 0 for a positive value, delta > 0 for a negative one.
+    bits = nearest.view(np.uint16)
+    up = (delta < 0) != (bits >= 0x8000)
+    other_bits = bits + np.where(up, np.uint16(1), np.uint16(0xFFFF))  # −1 mod 2^16
+    other = other_bits.view(nearest.dtype)
+    magnitude = bits & np.uint16(0x7FFF)
+    # never to ±inf, never from the smallest normal down to a subnormal, never move an exact value
+    allowed = ((other_bits & np.uint16(0x7FFF)) < infinity) & ~((magnitude == smallest_normal) & ~up) & (delta != 0)
     with np.errstate(invalid="ignore", over="ignore"):
-        change = a * (other64 - near64)                    # what a flip adds to R
-        gap = np.abs(other64 - near64)
-        usable = (delta != 0) & np.isfinite(other64) & (change * residual[:, None] < 0)
-        usable &= ~((np.abs(other64) < tiny) & (np.abs(near64) >= tiny))
-        cost = np.where(usable, v * gap * (gap - 2 * np.abs(delta)), 0.0)   # added to Σ σ²δ²
-        step = np.where(usable, np.abs(change), 0.0)
-        order = np.argsort(np.where(usable, cost / np.where(usable, step, 1.0), np.inf), axis=1, kind="stable")
-    step_sorted = np.take_along_axis(step, order, axis=1)
-    cost_sorted = np.take_along_axis(cost, order, axis=1)
-    zeros = np.zeros((shape[0], 1))
-    # E[e²] after the first k flips, k = 0 … K; the best k per row
-    remaining = np.abs(residual)[:, None] - np.concatenate([zeros, np.cumsum(step_sorted, axis=1)], axis=1)
-    objective = remaining ** 2 + np.concatenate([zeros, np.cumsum(cost_sorted, axis=1)], axis=1)
-    k = np.argmin(objective, axis=1)
-    flip_sorted = np.arange(shape[1])[None, :] < k[:, None]
-    flip = np.empty_like(flip_sorted)
-    np.put_along_axis(flip, order, flip_sorted, axis=1)
-    return np.where(flip, other, nearest)
+        diff = other.astype(np.float32) - near64.astype(np.float32)  # exact: both are half-precision values
+        change = diff if a is None else (a * diff).astype(np.float32)  # a flip's change of R
+        residual = (delta if a is None else a * delta).sum(axis=1)
+        if offset is not None:
+            residual += offset
+        usable = allowed & (change * residual[:, None].astype(np.float32) < 0)
+        per_unit = np.abs(diff) - 2 * np.abs(delta).astype(np.float32)  # σ²·u(u − 2|δ|) / (|a|·u)
+        if v is not None:
+            per_unit *= v
+        if a is not None:
+            per_unit /= np.abs(a)
+        per_unit[~usable] = np.inf
+    if keep < exact.shape[1]:
+        cand = np.argpartition(per_unit, keep - 1, axis=1)[:, :keep]
+    else:
+        cand = np.broadcast_to(np.arange(exact.shape[1]), exact.shape)
+    order = np.argsort(np.take_along_axis(per_unit, cand, axis=1), axis=1, kind="stable")
+    cand = np.take_along_axis(cand, order, axis=1)
+    ok = np.isfinite(np.take_along_axis(per_unit, cand, axis=1))
+    step = np.where(ok, np.abs(np.take_along_axis(change, cand, axis=1)).astype(np.float64), 0.0)
+    g = np.abs(np.take_along_axis(diff, cand, axis=1)).astype(np.float64)
+    cost = g * (g - 2 * np.abs(np.take_along_axis(delta, cand, axis=1)))
+    if v is not None:
+        cost *= np.take_along_axis(v, cand, axis=1)
+    cost = np.where(ok, cost, 0.0)
+    zeros = np.zeros((exact.shape[0], 1))
+    # E[e²] after the first n flips, n = 0 … keep; the best n per row
+    remaining = np.abs(residual)[:, None] - np.concatenate([zeros, np.cumsum(step, axis=1)], axis=1)
+    objective = remaining ** 2 + np.concatenate([zeros, np.cumsum(cost, axis=1)], axis=1)
+    n = np.argmin(objective, axis=1)
+    out = nearest.copy()
+    take = np.arange(cand.shape[1])[None, :] < n[:, None]
+    rows = np.broadcast_to(np.arange(exact.shape[0])[:, None], cand.shape)
+    out[rows[take], cand[take]] = other[rows[take], cand[take]]
+    return out
+
+
+def _row_stats(stats: InputStats | None, shape, row_shape, index: np.ndarray | None):
+    """(mean, var, offset) laid out as the [channels, fan_in] rows (None where unknown)."""
+    if stats is None or stats.mean is None:
+        return None, None, None
+
+    def per_weight(a):
+        full = np.broadcast_to(np.asarray(a, np.float64), shape)
+        return full.reshape(row_shape) if index is None else full.reshape(-1)[index]
+
+    offset = None if stats.offset is None else np.asarray(stats.offset, np.float64).reshape(-1)
+    return per_weight(stats.mean), per_weight(stats.var), offset
 
 
 def round_rows(
@@ -161,15 +202,13 @@ def round_rows(
     """
     if not applies(strategy, nearest.dtype) or nearest.size == 0:
         return nearest
-    index = rows(np.arange(nearest.size).reshape(nearest.shape))
-
-    def per_weight(a):
-        return None if a is None else np.broadcast_to(np.asarray(a, np.float64), nearest.shape).reshape(-1)[index]
-
-    mean = var = offset = None
-    if stats is not None and stats.mean is not None:
-        mean, var = per_weight(stats.mean), per_weight(stats.var)
-        offset = None if stats.offset is None else np.asarray(stats.offset, np.float64).reshape(-1)
+    base = np.arange(nearest.size).reshape(nearest.shape)
+    index = rows(base)
+    if index.flags.c_contiguous and np.shares_memory(index, base):  # a reshape (Conv): no gather
+        out = compensate_rows(exact.reshape(index.shape), nearest.reshape(index.shape),
+                              *_row_stats(stats, nearest.shape, index.shape, None))
+        return out.reshape(nearest.shape)
     out = nearest.copy()
-    out.reshape(-1)[index] = compensate_rows(exact.reshape(-1)[index], nearest.reshape(-1)[index], mean, var, offset)
+    out.reshape(-1)[index] = compensate_rows(exact.reshape(-1)[index], nearest.reshape(-1)[index],
+                                             *_row_stats(stats, nearest.shape, index.shape, index))
     return out

@@ -23,14 +23,11 @@ class FoldContext:
     # why a BN was not folded, per pattern that looked at it: id(node) -> {pattern: reason}
     refusals: dict[int, dict[str, str]] = field(default_factory=dict)
     neighbours: dict[int, tuple[str | None, tuple[str, ...]]] = field(default_factory=dict)
-    # per-channel (mean, var) of tensors, read off the unedited graph for compensated rounding
-    moments: dict = field(default_factory=dict)
+    # per-channel (mean, var) of tensors for compensated rounding; computed by
+    # passes._moments.input_stats at the first half-precision fold (None until then)
+    moments: dict | None = None
 
     def __post_init__(self) -> None:
-        if self.rounding != "nearest":
-            from bnfold.passes._moments import channel_moments  # imports _affine, which imports us
-
-            self.moments = channel_moments(self)
         # Producer and consumers as they were before any edit: what the report shows.
         ix = self.index
         for node in ix.nodes:

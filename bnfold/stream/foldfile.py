@@ -78,6 +78,8 @@ def fold_file_streamed(src: Path, dst: Path, enabled: frozenset[str], *, in_plac
                                                      progress=bytes_progress):
                                 names.append(data_name)
                         finally:
+                            if source.external:
+                                store.close()
                             os.close(data_fd)
                 finally:
                     os.close(model_fd)

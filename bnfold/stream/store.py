@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import numpy as np
 import onnx
@@ -34,6 +35,38 @@ def write_all(fd: int, data) -> None:
         view = view[n:]
 
 
+class Writeback:
+    """Flush a file being appended to in the background, every ``every`` bytes written.
+
+    The atomic write fsyncs every file before renaming it into place; for a 1.4 GB data file
+    that flush is ~1 s of waiting at the end. Started early, in a thread (``fdatasync``
+    releases the GIL), the disk works while the fold computes and the final fsync finds
+    little left. Errors are left to that final fsync, which reports them.
+    """
+
+    def __init__(self, fd: int, every: int = 128 << 20):
+        self.fd, self.every = fd, every
+        self._pending = 0
+        self._thread: threading.Thread | None = None
+
+    def wrote(self, n: int) -> None:
+        self._pending += n
+        if self._pending >= self.every and (self._thread is None or not self._thread.is_alive()):
+            self._pending = 0
+            self._thread = threading.Thread(target=self._sync, name="bnfold-writeback", daemon=True)
+            self._thread.start()
+
+    def _sync(self) -> None:
+        try:
+            os.fdatasync(self.fd)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+
 class TensorStore:
     """Folded tensors of one streamed fold (see module docstring).
 
@@ -49,6 +82,7 @@ class TensorStore:
         self.data_end = 0
         self.arrays: list[np.ndarray] = []
         self.made = 0
+        self.writeback = Writeback(data_fd) if data_fd is not None else None
         self._progress = progress  # progress(n): n payload bytes appended to the data file
 
     def load(self, tensor: onnx.TensorProto) -> np.ndarray:
@@ -82,8 +116,7 @@ class TensorStore:
             kind, location, offset = "output", self.data_name, self.data_end
             write_all(self.data_fd, data)
             self.data_end += data.nbytes
-            if self._progress is not None:
-                self._progress(data.nbytes)
+            self.appended(data.nbytes)
         for key, v in (("location", location), ("offset", str(offset)), ("length", str(data.nbytes)),
                        (PLACEHOLDER_KEY, kind)):
             entry = tensor.external_data.add()
@@ -92,6 +125,18 @@ class TensorStore:
         # The value is out of the proto; the source pages the fold read are no longer needed.
         self.source.release()
         return tensor
+
+    def appended(self, n: int) -> None:
+        """``n`` bytes were appended to the data file (by the store or the writer)."""
+        if self.writeback is not None:
+            self.writeback.wrote(n)
+        if self._progress is not None:
+            self._progress(n)
+
+    def close(self) -> None:
+        """Wait for background flushes (before the data file is closed)."""
+        if self.writeback is not None:
+            self.writeback.close()
 
     def nbytes(self, tensor: onnx.TensorProto) -> int:
         info = external_info(tensor)

@@ -29,7 +29,7 @@ from onnx.external_data_helper import _get_all_tensors, _get_initializer_tensors
 
 from bnfold.stream import wire
 from bnfold.stream.source import PLACEHOLDER_KEY, external_info
-from bnfold.stream.store import TensorStore, write_all
+from bnfold.stream.store import TensorStore, Writeback, write_all
 
 _SIZE_THRESHOLD = 1024  # as modelio.save_model passes to convert_model_to_external_data
 
@@ -157,6 +157,7 @@ def write_inline(model: onnx.ModelProto, store: TensorStore, fd: int, *, limit: 
         raise TooLarge(pieces.size)
     done = 0
     offsets = []
+    writeback = Writeback(fd, every=32 << 20)  # the disk works while the rest is written
     for item in pieces.items:
         if isinstance(item, bytes):
             write_all(fd, item)
@@ -170,8 +171,10 @@ def write_inline(model: onnx.ModelProto, store: TensorStore, fd: int, *, limit: 
             src_fd, mapped, offset, length = item
             copy_range(src_fd, mapped, offset, length, fd)
             done += length
+        writeback.wrote(done - offsets[-1])
         if progress is not None:
             progress(done - offsets[-1])
+    writeback.close()
     return offsets
 
 
@@ -210,7 +213,10 @@ def write_external(model: onnx.ModelProto, store: TensorStore, model_fd: int, da
                 copy_range(src_fd, mapped, src_offset, length, data_fd)
             end += length
         _point(tensor, data_name, offset, length)
-        if progress is not None and not (kind == "output" and store.data_fd == data_fd):
-            progress(length)  # (the store reported its own appends)
+        if not (kind == "output" and store.data_fd == data_fd):  # (the store counted its own appends)
+            if store.data_fd == data_fd:
+                store.appended(length)
+            elif progress is not None:
+                progress(length)
     write_all(model_fd, model.SerializeToString())
     return end > 0

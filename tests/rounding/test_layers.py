@@ -68,7 +68,7 @@ def _layer_error(folded, exact, x, groups=1, *, bias=True) -> float:
 def test_compensated_conv_layer_error_is_smaller_than_nearest(groups):
     """40 random Conv layers in float16 whose input statistics the graph states.
 
-    Measured: median ratio 0.53 (groups 1) / 0.57 (groups 4), compensated better on 40/40.
+    Measured: median ratio 0.62 (groups 1) / 0.65 (groups 4), compensated better on 40/40.
     Asserted: median < 0.75 and better on >= 36 of 40.
     """
     ratios = []
@@ -93,7 +93,7 @@ def test_compensated_helps_without_input_statistics(rng):
     compared (the bias's rounding error, the same in both, is compensated only when the
     input's mean is known, as in the test above).
 
-    Measured: median ratio 0.84 over 30 layers, better on 30/30. Asserted: < 0.92, >= 26/30.
+    Measured: median ratio 0.86 over 30 layers, better on 30/30. Asserted: < 0.92, >= 26/30.
     """
     ratios = []
     for seed in range(30):
@@ -135,6 +135,9 @@ PATTERNS = {  # builder, input shape, the output region where every weight of a 
     "convtranspose-groups2": (lambda s: builders.convtranspose_bn(groups=2, c_in=32, c_out=16, kernel=3, size=6,
                                                                   dtype=F16, rng=s)[0],
                               (1, 32, 6, 6), (slice(None), slice(None), slice(2, 6), slice(2, 6))),
+    "convtranspose-stride2": (lambda s: builders.convtranspose_bn(groups=2, c_in=32, c_out=16, kernel=4, size=6,
+                                                                  strides=[2, 2], dtype=F16, rng=s)[0],
+                              (1, 32, 6, 6), (slice(None), slice(None), slice(3, 11), slice(3, 11))),
     "gemm-transB-alpha": (lambda s: builders.gemm_bn(alpha=0.5, trans_b=1, c="F", m=4, k=96, f=16, dtype=F16,
                                                      rng=s)[0], (4, 96), (...,)),
     "gemm": (lambda s: builders.gemm_bn(trans_b=0, c=None, m=4, k=96, f=16, dtype=F16, rng=s)[0], (4, 96), (...,)),
@@ -148,7 +151,7 @@ def test_every_pattern_routes_its_rows(pattern):
     """Each output channel's fan-in is what gets compensated: for inputs that are constant
     along the fan-in, the weights' error Σ_j δ_j nearly vanishes. A wrong row map (another
     channel's weights, a group mixed up) would leave it as large as nearest's.
-    Measured: median rms ratio 0.02-0.06 over 8 seeds. Asserted: < 0.3."""
+    Measured: median rms ratio 0.08-0.13 over 8 seeds. Asserted: < 0.3."""
     build, shape, interior = PATTERNS[pattern]
     ratios = []
     for seed in range(8):
@@ -163,7 +166,7 @@ def test_every_pattern_routes_its_rows(pattern):
 def test_forward_fold_uses_the_bn_statistics():
     """BN → Conv (forward): after the fold the Conv reads the BN's input, whose mean is the BN's
     own running mean E. At x = E the folded layer's error is Σ_j δ_j·E_j + δ_bias, which the
-    weights cancel, bias rounding included. Measured: median rms ratio ~0.05 over 8 seeds.
+    weights cancel, bias rounding included. Measured: median rms ratio 0.06 over 8 seeds.
     Asserted: < 0.3."""
     ratios = []
     for seed in range(8):
@@ -215,3 +218,13 @@ def test_bad_rounding_is_a_usage_error(tmp_path):
     assert not (tmp_path / "out.onnx").exists()
     result = bnfold.fold_file(src, tmp_path / "out.onnx", rounding="compensated")
     assert result.output.is_file()
+
+
+def test_convtranspose_tap_phases():
+    from bnfold.passes.conv_transpose import tap_phases
+
+    assert [p.tolist() for p in tap_phases((3,), [2], None)] == [[0, 2], [1]]
+    assert [p.tolist() for p in tap_phases((4, 4), [2, 2], None)] == [[0, 2, 8, 10], [1, 3, 9, 11], [4, 6, 12, 14],
+                                                                      [5, 7, 13, 15]]
+    assert [p.tolist() for p in tap_phases((3, 3), None, None)] == [list(range(9))]
+    assert len(tap_phases((3,), [2], [2])) == 1  # dilation 2, stride 2: every tap reaches the same positions

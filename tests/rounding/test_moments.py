@@ -9,7 +9,7 @@ from onnx import TensorProto, helper
 from bnfold.graph import GraphIndex, NameSet, all_names
 from bnfold.passes import PATTERNS
 from bnfold.passes._context import FoldContext
-from bnfold.passes._moments import clipped
+from bnfold.passes._moments import channel_moments, clipped
 from tests.converter import builders
 from tests.ortutil import make_model
 
@@ -80,7 +80,7 @@ def _graph(rng, *, consistent: bool = True):
 
 def test_moments_propagate_from_batchnorm_statistics(rng):
     model, p0, mu_pool = _graph(rng)
-    table = _context(model).moments
+    table = channel_moments(_context(model))
     assert np.allclose(table["x"][0], p0["mean"]) and np.allclose(table["x"][1], p0["var"])  # BN input: E, Var
     assert np.allclose(table["h0"][0], p0["B"]) and np.allclose(table["h0"][1], p0["scale"] ** 2)  # β, γ²
     relu = clipped(p0["B"], p0["scale"] ** 2, 0.0, math.inf)
@@ -94,13 +94,14 @@ def test_moments_propagate_from_batchnorm_statistics(rng):
 
 def test_inconsistent_statistics_are_not_used(rng):
     model, _, _ = _graph(rng, consistent=False)
-    assert "h2" not in _context(model).moments  # 12 equations, 8 unknowns, no solution: unknown
+    assert "h2" not in channel_moments(_context(model))  # 12 equations, 8 unknowns, no solution: unknown
 
 
-def test_nearest_computes_no_moments(rng):
+def test_moments_are_computed_only_for_a_half_precision_fold(rng):
+    from bnfold.passes._moments import input_stats
+
     model, _, _ = _graph(rng)
-    from bnfold.api import _LazyTypes
-
-    ix = GraphIndex(model.graph, path="", outer=None, names=NameSet(all_names(model)), ir_version=model.ir_version,
-                    inputs_as_constants=False, inferred=_LazyTypes(lambda: model))
-    assert FoldContext(ix, 17, frozenset(PATTERNS)).moments == {}
+    ctx = _context(model)
+    assert input_stats(ctx, "h2", np.arange(8), None, np.float32) is None and ctx.moments is None
+    stats = input_stats(ctx, "h2", np.arange(8), None, np.float16)
+    assert ctx.moments is not None and np.allclose(stats.mean, ctx.moments["h2"][0])
