@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[torch,test]'
+	$(PY) -m compileall -q bnfold  # an editable install is not byte-compiled; saves ~0.1 s per run
 	touch $@
 
 test: $(STAMP)

@@ -171,18 +171,20 @@ def _wide(layers: int, width: int) -> onnx.ModelProto:
     return helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)])
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc for VmHWM")
 def test_external_data_fold_stays_far_below_the_model_size_in_memory(tmp_path):
-    """Peak RSS growth of a streamed fold of a 113 MB external-data model: < 0.3 × its size."""
+    """Peak RSS growth of a streamed fold of a 113 MB external-data model: < 0.4 × its size
+    (measured 26 MiB; 126 MiB when the source pages are not released after each fold)."""
     src = save(_wide(12, 512), tmp_path / "src" / "wide.onnx", external=True)
     size = sum(p.stat().st_size for p in src.parent.iterdir())
-    code = ("import json, resource, sys\nimport bnfold.cli, bnfold.stream.foldfile\n"
-            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-            "r = bnfold.fold_file(sys.argv[1], sys.argv[2])\n"
-            "print(json.dumps([base * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "
-            "r.report.counts()['folded']]))")
+    # VmHWM, not ru_maxrss: an exec'ed child's ru_maxrss includes its parent's (pytest's) peak
+    code = ("import json, sys\nimport bnfold.cli, bnfold.stream.foldfile\n"
+            "hwm = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])\n"
+            "base = hwm()\nr = bnfold.fold_file(sys.argv[1], sys.argv[2])\n"
+            "print(json.dumps([base * 1024, hwm() * 1024, r.report.counts()['folded']]))")
     (tmp_path / "out").mkdir()
     out = subprocess.run([sys.executable, "-c", code, str(src), str(tmp_path / "out" / "w.onnx")],
                          capture_output=True, text=True, cwd=REPO, check=True)
     base, peak, folded = json.loads(out.stdout.strip().splitlines()[-1])
     assert folded == 12
-    assert peak - base < 0.3 * size, f"peak RSS grew by {(peak - base) / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB model"
+    assert peak - base < 0.4 * size, f"peak RSS grew by {(peak - base) / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB model"
