@@ -159,50 +159,37 @@ def save_model(
         in_place: allow ``dst`` to be ``src``.
     """
     dst = Path(dst)
-    folder = check_destination(dst, src=src, in_place=in_place)
-
-    if external_data is None:
-        external_data = model.ByteSize() > PROTOBUF_LIMIT
-
-    remove_stale_staging(folder, dst.name)
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=folder))
-    except OSError as exc:
-        raise OutputError(f"{dst}: cannot write: {exc.strerror or exc}") from exc
-    try:
-        staged_model = staging / dst.name
+    with staged_output(dst, src=src, in_place=in_place) as out:
+        if external_data is None:
+            external_data = model.ByteSize() > PROTOBUF_LIMIT
+        staged_model = out.path(dst.name)
         written: list[str] = []
-        if external_data:
-            data_name = _fresh_data_name(folder, dst.name)
-            out = onnx.ModelProto()
-            out.CopyFrom(model)
-            onnx.external_data_helper.convert_model_to_external_data(
-                out, all_tensors_to_one_file=True, location=data_name, size_threshold=1024
-            )
-            onnx.save_model(out, str(staged_model))
-            if (staging / data_name).exists():
-                written.append(data_name)
-        else:
-            # Serialize once (ByteSize() costs as much as serializing) and check the length.
-            try:
-                data = model.SerializeToString()
-            except ValueError as exc:
-                raise OutputError(f"{dst}: the model is over 2 GB; it must be saved with external data") from exc
-            if len(data) > PROTOBUF_LIMIT:
-                raise OutputError(f"{dst}: the model is over 2 GB; it must be saved with external data")
-            with open(staged_model, "wb") as f:
-                f.write(data)
-            if staged_model.stat().st_size != len(data):  # never rename a short file into place
-                raise OutputError(f"{dst}: write failed: wrote {staged_model.stat().st_size} of {len(data)} bytes")
-        for name in [*written, dst.name]:
-            with open(staging / name, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(staging / name, folder / name)
-    except OSError as exc:
-        raise OutputError(f"{dst}: write failed: {exc.strerror or exc}") from exc
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return dst
+        try:
+            if external_data:
+                data_name = out.data_name()
+                copy = onnx.ModelProto()
+                copy.CopyFrom(model)
+                onnx.external_data_helper.convert_model_to_external_data(
+                    copy, all_tensors_to_one_file=True, location=data_name, size_threshold=1024
+                )
+                onnx.save_model(copy, str(staged_model))
+                if out.path(data_name).exists():
+                    written.append(data_name)
+            else:
+                # Serialize once (ByteSize() costs as much as serializing) and check the length.
+                try:
+                    data = model.SerializeToString()
+                except ValueError as exc:
+                    raise OutputError(f"{dst}: the model is over 2 GB; it must be saved with external data") from exc
+                if len(data) > PROTOBUF_LIMIT:
+                    raise OutputError(f"{dst}: the model is over 2 GB; it must be saved with external data")
+                with open(staged_model, "wb") as f:
+                    f.write(data)
+                if staged_model.stat().st_size != len(data):  # never rename a short file into place
+                    raise OutputError(f"{dst}: write failed: wrote {staged_model.stat().st_size} of {len(data)} bytes")
+        except OSError as exc:
+            raise OutputError(f"{dst}: write failed: {exc.strerror or exc}") from exc
+        return out.commit(written)
 
 
 def check_destination(dst: PathLike, *, src: PathLike | None = None, in_place: bool = False) -> Path:
