@@ -38,6 +38,7 @@ demo: $(STAMP)
 # (whose peers need ~10 GB of memory), BENCH_ARGS=--quick is a one-minute smoke run.
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[torch,test,bench]'
+	$(PY) -m compileall -q bnfold  # sources edited since the install would be recompiled in every run
 	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
