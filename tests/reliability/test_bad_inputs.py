@@ -64,11 +64,20 @@ def test_protobuf_that_is_not_a_model(tmp_path):
                    problem=r"(not an ONNX model \(.*\)|is a protobuf message but not an ONNX model .*)")
 
 
-def test_model_that_fails_onnx_checker(tmp_path, model):
+@pytest.mark.parametrize("flags", [[], ["--no-validate"]], ids=["validated", "streamed"])
+def test_model_that_fails_onnx_checker(tmp_path, model, flags):
     model.graph.node[0].input[0] = "undefined_tensor"  # Conv reads a name nothing defines
     src = write(tmp_path / "m.onnx", model)
-    assert_refused(tmp_path, ["fold", src], code=BAD_INPUT, file=src,
+    assert_refused(tmp_path, ["fold", src, *flags], code=BAD_INPUT, file=src,
                    problem=r"fails onnx\.checker: .*'undefined_tensor'.*")
+
+
+@pytest.mark.parametrize("flags", [[], ["--no-validate"]], ids=["validated", "streamed"])
+def test_model_with_an_operator_its_opset_lacks(tmp_path, model, flags):
+    model.graph.node[-1].op_type = "Reluu"  # only the checker's schema registry knows this is wrong
+    src = write(tmp_path / "m.onnx", model)
+    assert_refused(tmp_path, ["fold", src, *flags], code=BAD_INPUT, file=src,
+                   problem=r"fails onnx\.checker: .*Reluu.*")
 
 
 def test_unknown_operator_domain_declared(tmp_path, model):
