@@ -17,9 +17,9 @@ from pathlib import Path
 import onnx
 
 from bnfold import rounding as rounding_
-from bnfold.errors import ModelLoadError, UnsupportedModelError, UsageError, ValidationFailed
+from bnfold.errors import ModelLoadError, UsageError, ValidationFailed
 from bnfold.graph import GraphIndex, NameSet, all_names, subgraphs
-from bnfold.modelio import load_model, save_model, uses_external_data
+from bnfold.modelio import load_model
 from bnfold.passes import FINAL_PASSES, FOLD_PASSES, PATTERNS
 from bnfold.passes._context import FoldContext
 from bnfold.report import FoldReport, FoldResult
@@ -189,13 +189,15 @@ def fold_file(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, i
             parameters that are not constants, NaN/inf, negative variance, mismatched
             shapes); those BNs are kept. Without it such a model raises
             UnsupportedModelError and nothing is written.
-        **options: as for :func:`fold`, plus ``progress(done, total)`` (bytes; called while a
-            fold without validation writes).
+        **options: as for :func:`fold`, plus ``progress(done, total)`` (bytes; called while
+            the folded model is written).
 
-    Without ``validate`` the file is folded by :mod:`bnfold.stream`: memory-mapped, only the
-    tensors a fold touches are read, and the output is written by streaming (same report,
-    same bytes); ``result.model`` then keeps its big tensors in the written file(s), as
-    external-data references (``onnx.load(result.output)`` reads them).
+    The file is folded by :mod:`bnfold.stream`: memory-mapped, only the tensors a fold
+    touches are read, and the output is written by streaming into a staging folder (same
+    report, same bytes as :func:`fold`); ``result.model`` keeps its big tensors in the
+    written file(s), as external-data references (``onnx.load(result.output)`` reads them).
+    With ``validate`` the staged files are checked against ``src`` (:func:`check_staged`)
+    before they are renamed into place.
 
     Returns:
         FoldResult; ``result.output`` is the written path.
@@ -216,43 +218,40 @@ def fold_file(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, i
     if unknown:
         raise TypeError(f"fold_file() got unexpected keyword argument(s) {', '.join(sorted(unknown))}")
     rounding = parse_rounding(options.get("rounding", rounding_.DEFAULT))  # a bad option before any I/O
-    if not validate:
-        # Nothing needs the whole model in memory: fold straight from a memory map of the file
-        # and write by streaming (bnfold.stream); same report, same bytes.
-        from bnfold.stream.foldfile import fold_file_streamed
+    # Nothing needs the whole model in memory: fold straight from a memory map of the file and
+    # write by streaming into the staging folder (bnfold.stream); same report, same bytes. The
+    # check, if any, runs on the staged files before they are renamed into place.
+    from bnfold.stream.foldfile import fold_file_streamed
 
-        return fold_file_streamed(src, Path(dst), enabled, in_place=in_place, partial=partial, progress=progress,
-                                  keep_unfoldable=bool(options.get("keep_unfoldable", False)),
-                                  inputs_as_constants=bool(options.get("inputs_as_constants", False)),
-                                  rounding=rounding)
-    model = load_model(src, load_external_data=False, check=True)
-    external = uses_external_data(model)
-    if external:
-        model = load_model(src)
-    files_before = _file_sizes(src, model)
-    result = _fold_owned(model, lambda: load_model(src), enabled, measure=False, **{
-        "keep_unfoldable": bool(options.get("keep_unfoldable", False)),
-        "inputs_as_constants": bool(options.get("inputs_as_constants", False)),
-        "rounding": rounding,
-    })
-    blocking = result.report.blocking()
-    if blocking and not partial:
-        raise UnsupportedModelError(blocking_message(src, blocking))
-    if validate:
-        result.check = run_check(src, result.model, validate)
+    def check_before_commit(staged: Path, result: FoldResult) -> None:
+        result.check = check_staged(src, staged, validate)
         if not result.check.passed and not force:
             raise ValidationFailed(
                 f"{src}: the folded model is not equivalent to the original "
                 f"({result.check.verdict().removeprefix('FAIL: ')}); nothing written",
                 result=result,
             )
-    # Small sources cannot fold into a model over protobuf's 2 GB: skip save_model's size probe.
-    external_data = True if external else (None if files_before > 2**30 else False)
-    result.output = save_model(result.model, dst, external_data=external_data, src=src, in_place=in_place)
-    result.report.bytes_before = files_before
-    written = load_model(result.output, load_external_data=False) if external_data else result.model
-    result.report.bytes_after = _file_sizes(result.output, written)
-    return result
+
+    return fold_file_streamed(src, Path(dst), enabled, in_place=in_place, partial=partial, progress=progress,
+                              before_commit=check_before_commit if validate else None,
+                              keep_unfoldable=bool(options.get("keep_unfoldable", False)),
+                              inputs_as_constants=bool(options.get("inputs_as_constants", False)),
+                              rounding=rounding)
+
+
+def check_staged(src: Path, staged: Path, validate: bool | Mapping):
+    """``bnfold.check(src, staged, **options)`` of a folded model written to the staging folder.
+
+    Both models are read by onnxruntime from their files (it maps external data itself), one
+    session at a time, so the check needs about one model's worth of memory, not three: the
+    exact bytes that will be renamed into place are the ones checked.
+    """
+    from bnfold.validation import check  # onnxruntime is loaded only when a check runs
+
+    options = {} if validate is True else dict(validate)
+    report = check(src, staged, **options)
+    report.candidate = "the folded model (staged, before writing)"
+    return report
 
 
 def blocking_message(src, blocking) -> str:
@@ -264,21 +263,6 @@ def blocking_message(src, blocking) -> str:
             if any(e.hint == "inputs_as_constants" for e in blocking) else "")
     return (f"{src}: {where} cannot be folded{more}: {first.reason}; nothing written "
             f"({hint}--partial writes the model with it kept)")
-
-
-def _file_sizes(path: Path, model: onnx.ModelProto) -> int:
-    """Bytes of the model file plus the external-data files it references."""
-    locations = set()
-    for t in onnx.external_data_helper._get_all_tensors(model):
-        for e in t.external_data:
-            if e.key == "location":
-                locations.add(e.value)
-    total = Path(path).stat().st_size
-    for loc in locations:
-        data = Path(path).parent / loc
-        if data.is_file():
-            total += data.stat().st_size
-    return total
 
 
 def default_opset(opset_import) -> int:

@@ -37,6 +37,7 @@ from onnx.onnx_cpp2py_export import checker as _c_checker
 
 from bnfold.errors import ModelLoadError, UnsupportedModelError
 from bnfold.graph import subgraphs
+from bnfold.stream.source import PLACEHOLDER_KEY
 
 # Operator domains onnxruntime 1.x implements (CPU/CUDA kernels and contrib ops).
 ORT_DOMAINS = frozenset({
@@ -132,7 +133,9 @@ def check_tensors(model: onnx.ModelProto, name: str, *, base_dir: Path | None = 
                 if target.is_file():
                     length = str(max(0, target.stat().st_size - int(info.get("offset", "0") or "0")))
             if isinstance(length, str) and length.isdigit() and int(length) != need:
-                raise UnsupportedModelError(f"{label} has {length} bytes of external data, its shape "
+                # a streamed fold's placeholder is raw_data inside the model file: say what the file holds
+                where = "data" if PLACEHOLDER_KEY in info else "external data"
+                raise UnsupportedModelError(f"{label} has {length} bytes of {where}, its shape "
                                             f"{list(t.dims)} {dtype} needs {need}")
             continue
         if t.HasField("raw_data"):

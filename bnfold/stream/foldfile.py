@@ -28,8 +28,14 @@ _CREATE = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 
 def fold_file_streamed(src: Path, dst: Path, enabled: frozenset[str], *, in_place: bool, partial: bool,
-                       progress=None, **fold_options):
-    """Fold ``src`` into ``dst`` (see module docstring); ``fold_options`` as ``_fold_owned``'s."""
+                       progress=None, before_commit=None, **fold_options):
+    """Fold ``src`` into ``dst`` (see module docstring); ``fold_options`` as ``_fold_owned``'s.
+
+    ``before_commit(staged, result)``, when given, is called once everything is written to the
+    staging folder, before anything is flushed or renamed into place: ``staged`` is the
+    complete staged model file (its data file beside it), ``result`` the FoldResult with its
+    sizes. If it raises, nothing is written (``fold_file``'s validation).
+    """
     from bnfold.api import _fold_owned, blocking_message
 
     def fold(store: TensorStore):
@@ -66,6 +72,8 @@ def fold_file_streamed(src: Path, dst: Path, enabled: frozenset[str], *, in_plac
                                                           progress=bytes_progress)
                         except writer.TooLarge:
                             pass  # over protobuf's limit in one file: external data, as save_model does
+                        else:
+                            store.arrays.clear()  # written: a check of the staged file need not hold them too
                     if offsets is None:
                         data_name = staged.data_name()
                         data_fd = os.open(staged.path(data_name), _CREATE, 0o666)
@@ -85,12 +93,14 @@ def fold_file_streamed(src: Path, dst: Path, enabled: frozenset[str], *, in_plac
                     os.close(model_fd)
             except OSError as exc:
                 raise OutputError(f"{dst}: write failed: {exc.strerror or exc}") from exc
+            result.report.bytes_before = bytes_before
+            result.report.bytes_after = sum(staged.path(n).stat().st_size for n in [*names, dst.name])
+            if before_commit is not None:
+                before_commit(staged.path(dst.name), result)
             staged.commit(names)
         if progress is not None:
             progress(total, total)  # dropped tensors (BN parameters) are never written: finish the bar
         if offsets is not None:
             writer.point_into(result.model, dst.name, offsets)
         result.output = dst
-        result.report.bytes_before = bytes_before
-        result.report.bytes_after = sum((staged.folder / n).stat().st_size for n in [*names, dst.name])
     return result

@@ -1,9 +1,15 @@
 """``check``: run two models on the same inputs on each requested provider and compare.
 
-The steps, each delegated: load both models (:mod:`bnfold.modelio`), check that their
-signatures match, resolve the providers (:mod:`.providers`), build the inputs
-(:mod:`.inputs`), run both models on every provider (:mod:`.sessions`), compare every output
-(:mod:`.compare`), and collect a :class:`~bnfold.validation.report.CheckReport`.
+The steps, each delegated: read both models' graphs (a file's skeleton only, from a memory
+map: :mod:`bnfold.stream.source`), check that their signatures match, resolve the providers
+(:mod:`.providers`), build the inputs (:mod:`.inputs`), run both models on every provider
+(:mod:`.sessions`), compare every output (:mod:`.compare`), and collect a
+:class:`~bnfold.validation.report.CheckReport`.
+
+Memory: a model given as a path is loaded by onnxruntime from the file (external data
+mapped, not copied), and on each provider the reference runs every sample and is released
+before the candidate's session is built, so at most one session is alive at a time; the
+outputs are kept, the weights are not.
 
 The reference must load and run: if it does not, there is nothing to check against and the
 error is raised (exit 2). A candidate that onnxruntime cannot load or run fails the check
@@ -25,7 +31,7 @@ import onnxruntime as ort
 from bnfold.errors import (
     BnfoldError, InputDataError, ModelLoadError, ProviderError, UnsupportedModelError, UsageError,
 )
-from bnfold.modelio import load_model, uses_external_data
+from bnfold.stream.source import open_model
 from bnfold.validation.compare import compare_output
 from bnfold.validation.inputs import (
     TensorSpec, check_inputs, load_inputs, model_inputs, model_outputs, random_inputs,
@@ -115,11 +121,13 @@ def check(
     for provider in run_on:
         t0 = time.perf_counter()
         ref_runner = _reference_runner(ref, provider, ort_opt_level)
-        if provider.ep not in ref_runner.providers():
+        session_providers = ref_runner.providers()
+        if provider.ep not in session_providers:
+            ref_runner.close()
             # onnxruntime falls back to the CPU EP, with a mere warning, when a listed EP fails to
             # initialize (missing CUDA/cuDNN libraries, no device): that run would not be on it.
             reason = (f"onnxruntime could not initialize {provider.ep} (the session fell back to "
-                      f"{', '.join(ref_runner.providers())})")
+                      f"{', '.join(session_providers)})")
             if not allow_missing_providers:
                 raise ProviderError(f"provider {provider.name!r}: {reason}; fix the installation or "
                                     "pass --allow-missing-providers")
@@ -129,12 +137,17 @@ def check(
             continue
         ran.append(provider)
         ref_values = []
-        for i, feed in enumerate(feeds):
-            ref_values.append(_run_reference(ref_runner, ref, provider, feed, i, user_data))
-            step()
+        try:
+            for i, feed in enumerate(feeds):
+                ref_values.append(_run_reference(ref_runner, ref, provider, feed, i, user_data))
+                step()
+        finally:
+            # One session at a time: the reference's weights are released before the
+            # candidate's are loaded, so a check needs about one model's memory, not two.
+            ref_runner.close()
         reference_outputs[provider.name] = ref_values
         comparisons.append(_fold_comparison(cand, provider, ort_opt_level, feeds, ref_values,
-                                            out_specs, tolerance, step, t0, ref_runner))
+                                            out_specs, tolerance, step, t0, session_providers))
 
     baselines, note = _baselines(ran, reference_outputs, out_specs, tolerance)
     return CheckReport(
@@ -152,11 +165,12 @@ def _source(model: ModelLike, role: str) -> ModelSource:
     if isinstance(model, onnx.ModelProto):
         return ModelSource(label=f"{role} (in memory)", graph=model)
     if isinstance(model, (str, os.PathLike)):
+        # The check needs the graph (signature, weight shapes), never the weights: read the
+        # file's skeleton from a memory map (the payloads stay on disk) and let onnxruntime
+        # load the model from its path.
         path = Path(model)
-        graph = load_model(path, load_external_data=False)
-        if uses_external_data(graph):
-            return ModelSource(label=str(path), graph=graph, path=str(path))
-        return ModelSource(label=str(path), graph=graph)
+        with open_model(path, check=False) as skeleton:
+            return ModelSource(label=str(path), graph=skeleton.model, path=str(path))
     raise UsageError(f"{role}: expected an onnx.ModelProto or a path, got {type(model).__name__}")
 
 
@@ -223,7 +237,8 @@ def _run_reference(runner: Runner, ref: ModelSource, provider: Provider, feed, i
 
 
 def _fold_comparison(cand: ModelSource, provider: Provider, level: str, feeds, ref_values,
-                     out_specs, tolerance: dict, step, t0: float, ref_runner: Runner) -> Comparison:
+                     out_specs, tolerance: dict, step, t0: float,
+                     ref_providers: tuple[str, ...]) -> Comparison:
     base = dict(kind="fold", provider=provider.name, ep=provider.ep, options=dict(provider.options),
                 reference=f"reference@{provider.name}", candidate=f"candidate@{provider.name}")
     try:
@@ -233,22 +248,26 @@ def _fold_comparison(cand: ModelSource, provider: Provider, level: str, feeds, r
             step()
         return Comparison(**base, error=f"{cand.label}: onnxruntime cannot load it on "
                                         f"{provider.name}: {ort_message(exc)}",
-                          session_providers=ref_runner.providers(), seconds=time.perf_counter() - t0)
+                          session_providers=ref_providers, seconds=time.perf_counter() - t0)
     cand_values = []
-    for i, feed in enumerate(feeds):
-        try:
-            cand_values.append(runner.run(feed))
-        except Exception as exc:
-            return Comparison(**base, error=f"{cand.label}: onnxruntime failed to run it on "
-                                            f"{provider.name} (sample {i}): {ort_message(exc)}",
-                              session_providers=runner.providers(), seconds=time.perf_counter() - t0)
-        step()
+    try:
+        for i, feed in enumerate(feeds):
+            try:
+                cand_values.append(runner.run(feed))
+            except Exception as exc:
+                return Comparison(**base, error=f"{cand.label}: onnxruntime failed to run it on "
+                                                f"{provider.name} (sample {i}): {ort_message(exc)}",
+                                  session_providers=runner.providers(), seconds=time.perf_counter() - t0)
+            step()
+        session_providers = runner.providers()
+    finally:
+        runner.close()
     outputs = tuple(
         compare_output(spec.name, [r[spec.name] for r in ref_values], [c[spec.name] for c in cand_values],
                        **tolerance)
         for spec in out_specs
     )
-    return Comparison(**base, outputs=outputs, session_providers=runner.providers(),
+    return Comparison(**base, outputs=outputs, session_providers=session_providers,
                       seconds=time.perf_counter() - t0)
 
 

@@ -42,10 +42,12 @@ def opt_level(name: str) -> ort.GraphOptimizationLevel:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """What a session is created from: serialized bytes, or a path (external-data models)."""
+    """What a session is created from: a model in memory (serialized for onnxruntime), or a
+    file that onnxruntime reads itself (and maps its external data), so that a check of a
+    model on disk never holds its weights in Python."""
 
     label: str
-    graph: onnx.ModelProto          # at least the graph (without external data when from a path)
+    graph: onnx.ModelProto          # at least the graph (from a path: its skeleton, no payloads)
     path: str | None = None         # load from this path (onnxruntime reads its external data)
 
     def session_input(self) -> bytes | str:
@@ -98,6 +100,10 @@ class Runner:
 
     def providers(self) -> tuple[str, ...]:
         return tuple(self.session.get_providers())
+
+    def close(self) -> None:
+        """Release the session and the weights it holds (or maps); the runner is done."""
+        self.session = None
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ort_feed = {
