@@ -1,5 +1,6 @@
 """``bnfold check A.onnx B.onnx``: the validation command, and the validation options that
-``bnfold fold`` shares (:func:`validation_options`, :func:`check_kwargs`, :func:`progress_bar`).
+``bnfold fold`` shares (:func:`validation_options`, :func:`check_kwargs`, :func:`progress_bar`,
+:func:`progress_phases`).
 
 Exit status: 0 equivalent, 1 not equivalent, 2 usage error or unreadable model/input.
 """
@@ -92,30 +93,59 @@ def check_kwargs(params: dict) -> dict:
 
 
 @contextlib.contextmanager
+def progress_phases(*, delay_s: float = 1.0):
+    """Yield ``phase(label)``, which gives the ``progress(done, total)`` callback of one phase
+    of a command (``folding``, then ``validating``). Bars are drawn on stderr only when it is a
+    terminal and the command is still going ``delay_s`` after it started (short runs stay
+    quiet); a phase's first call closes the bar of the phase before, and a phase once closed
+    draws nothing more (a late "done" of the fold does not reopen its bar).
+    """
+    if not sys.stderr.isatty():
+        yield lambda label: None
+        return
+    start = time.monotonic()
+    state: dict = {"label": None, "bar": None, "done": 0}
+    closed: set[str] = set()
+
+    def close() -> None:
+        if state["bar"] is not None:
+            state["bar"].__exit__(None, None, None)
+        if state["label"] is not None:
+            closed.add(state["label"])
+        state.update(label=None, bar=None, done=0)
+
+    def phase(label: str):
+        def progress(done: int, total: int) -> None:
+            if label in closed:
+                return
+            if state["label"] != label:
+                close()
+                state["label"] = label
+            if state["bar"] is None:
+                if time.monotonic() - start < delay_s or done >= total:
+                    return
+                state["bar"] = click.progressbar(length=total, label=label, file=sys.stderr)
+                state["bar"].__enter__()
+            state["bar"].update(done - state["done"])  # (a new bar starts from what is done)
+            state["done"] = done
+
+        return progress
+
+    try:
+        yield phase
+    finally:
+        close()
+
+
+@contextlib.contextmanager
 def progress_bar(label: str = "checking", *, delay_s: float = 1.0):
-    """Yield a ``progress(done, total)`` callback drawing a bar on stderr, only when stderr is
-    a terminal and the work is still going after ``delay_s`` (short checks stay quiet)."""
+    """Yield one ``progress(done, total)`` callback (see :func:`progress_phases`), or None
+    when stderr is not a terminal."""
     if not sys.stderr.isatty():
         yield None
         return
-    start = time.monotonic()
-    state: dict = {"bar": None, "done": 0}
-
-    def progress(done: int, total: int) -> None:
-        if state["bar"] is None:
-            if time.monotonic() - start < delay_s or done >= total:
-                state["done"] = done
-                return
-            state["bar"] = click.progressbar(length=total, label=label, file=sys.stderr)
-            state["bar"].__enter__()
-        state["bar"].update(done - state["done"])
-        state["done"] = done
-
-    try:
-        yield progress
-    finally:
-        if state["bar"] is not None:
-            state["bar"].__exit__(None, None, None)
+    with progress_phases(delay_s=delay_s) as phase:
+        yield phase(label)
 
 
 @click.command("check")

@@ -12,7 +12,7 @@ import click
 
 from bnfold.api import fold, fold_file
 from bnfold.cli import debug_option
-from bnfold.cli.check import check_kwargs, progress_bar, validation_options
+from bnfold.cli.check import check_kwargs, progress_phases, validation_options
 from bnfold.errors import UsageError, ValidationFailed
 from bnfold.report import FoldReport, NodeReport
 from bnfold.rounding import DEFAULT, STRATEGIES
@@ -111,12 +111,11 @@ def fold_command(model, output, in_place, skip, only, keep_unfoldable, inputs_as
     check_options = check_kwargs(params)
     try:
         # a bar on a terminal only, for work that lasts (a big fold's writing, or the check)
-        with progress_bar("validating" if validate else "folding") as progress:
+        with progress_phases() as phase:
             result = fold_file(model, output, in_place=in_place, skip=skip, only=only,
                                keep_unfoldable=keep_unfoldable, inputs_as_constants=inputs_as_constants,
-                               validate={**check_options, "progress": progress} if validate else False,
-                               force=force, partial=partial, rounding=rounding,
-                               progress=None if validate else progress)
+                               validate={**check_options, "progress": phase("validating")} if validate else False,
+                               force=force, partial=partial, rounding=rounding, progress=phase("folding"))
     except ValidationFailed as exc:
         if exc.result is not None:
             _render(exc.result, model, as_json)

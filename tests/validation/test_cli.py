@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from bnfold.cli import cli
-from bnfold.cli.check import check_kwargs, parse_dims, progress_bar
+from bnfold.cli.check import check_kwargs, parse_dims, progress_bar, progress_phases
 from bnfold.errors import UsageError
 from bnfold.validation import providers as P
 from tests.validation.models import conv_bn
@@ -136,6 +136,27 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
         for done in range(1, 5):
             progress(done, 4)
     assert quiet.getvalue() == ""
+
+
+def test_progress_phases_draw_one_bar_each_and_never_reopen_one(monkeypatch):
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    with progress_phases() as phase:
+        assert phase("folding") is None                                   # not a terminal: no bar
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with progress_phases(delay_s=0.0) as phase:
+        folding, validating = phase("folding"), phase("validating")
+        folding(30, 100)
+        folding(60, 100)
+        validating(1, 4)                                                  # closes the folding bar
+        validating(2, 4)
+        folding(100, 100)                                                 # late "done": ignored
+        validating(3, 4)
+    text = terminal.getvalue()
+    assert text.count("folding") >= 1 and text.count("validating") >= 1
+    assert text.rindex("folding") < text.index("validating")              # nothing drawn after
+    assert "60%" in text and "100%" not in text.split("validating")[0]    # a bar starts at what was done
+    assert "75%" in text
 
 
 def test_check_kwargs_for_other_commands():
