@@ -35,7 +35,7 @@ demo: $(STAMP)
 
 # The benchmark (bench/RESULTS.md): every tool in its own process, median of 3, ratios against
 # onnx.load + onnx.save. About 30 min; BENCH_ARGS=--skip-large leaves out the 1.47 GB model
-# (whose peers need ~10 GB of memory), BENCH_ARGS=--quick is a one-minute smoke run.
+# (whose peers need ~10 GB of memory), BENCH_ARGS=--quick is a ~70 s smoke run.
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[torch,test,bench]'
 	$(PY) -m compileall -q bnfold  # sources edited since the install would be recompiled in every run

@@ -1,36 +1,45 @@
-"""What the bench measures about a model file: structure, size, error and onnxruntime latency.
+"""What the bench measures about a model file: structure, size and error (latency: :mod:`bench.latency`).
 
-Per workload, :func:`baseline` runs once on the *unfolded* model and stores in a folder:
-seeded random inputs (``feeds.npz``), the unfolded model's onnxruntime CPU outputs with
-``ORT_DISABLE_ALL`` (``ref.npz``: onnxruntime would otherwise fold BN itself and the reference
-would already be folded), the float64 evaluation of the unfolded model (``f64.npz``, see
-:mod:`bench.reference64`) and ``baseline.json`` (BN and node counts, bytes, the unfolded model's
-own error vs float64, latencies). :func:`evaluate` then measures a tool's output against them.
+Per workload, :func:`baseline` runs once on the *unfolded* model and stores in a folder: the
+seeded random input samples (``feeds_<i>.npz``), the unfolded model's onnxruntime CPU outputs
+with ``ORT_DISABLE_ALL`` (``ref_<i>.npz``: onnxruntime would otherwise fold BN itself and the
+reference would already be folded), its float64 evaluation (``f64_<i>.npz``, see
+:mod:`bench.reference64`), the one-sample input the latency phase uses (``latency_feeds.npz``)
+and ``baseline.json`` (BN and node counts, bytes, the unfolded model's own error vs float64).
+:func:`evaluate` then measures a tool's output against them.
+
+Samples: ``samples`` seeded standard-normal draws (sample *i* drawn with seed *i*, symbolic
+dims → 1). When every graph input has a symbolic first (batch) dimension the samples are
+stacked along it and run as one batch; otherwise they run one by one. Either way the values
+are the same, and every error is the max over all samples.
 
 Errors are max |a − b| over every element of every output, computed in float64 (fp16
-outputs are upcast first); a NaN or an Inf in an output makes the error ``inf``.
+outputs are upcast first); a NaN or an Inf in an output makes the error ``inf``:
 
-Latency: median over ``runs`` timed ``session.run`` calls after two warm-up calls, with one
-intra-op thread (the bench machine is shared; one thread is the least noisy measure), at two
-graph-optimization levels: ``disable`` (what folding itself buys) and ``all`` (what a user
-running onnxruntime with default settings sees; it also folds any BN left).
+* ``err_ref``: the output run in onnxruntime vs the unfolded model run in onnxruntime;
+* ``err_f64``: the output run in onnxruntime vs the float64 evaluation of the unfolded model
+  (on float32 models this is dominated by onnxruntime's own float32 accumulation);
+* ``fold_err``: the *float64 evaluation of the output* vs that of the unfolded model — what
+  the fold did to the function, free of runtime noise (``fold_err_reason`` says why it is
+  missing when the evaluator cannot run the output).
 
-Both run in a child process (``python -m bench.metrics baseline|evaluate …``, JSON on stdout),
-so a tool output that crashes onnxruntime costs one table cell, not the bench.
+Both run in a child process (``python -m bench.metrics measure|baseline|evaluate …``, JSON on
+stdout): the bench measures the unfolded model and all outputs of a workload in one child
+(torch's import alone takes ~2 s) and, should that child die (a tool output that crashes
+onnxruntime), again with the baseline and each output in a child of its own, so a broken
+output costs one table cell, not the bench.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-LEVELS = ("disable", "all")
+DEFAULT_SAMPLES = 4
 
 
 def count_ops(model: onnx.ModelProto) -> tuple[int, int]:
@@ -69,7 +78,8 @@ def _uses_external_data(model: onnx.ModelProto) -> bool:
                for t in onnx.external_data_helper._get_all_tensors(model))
 
 
-def _session(path: Path, level: str, threads: int = 1):
+def session(path: Path, level: str = "disable", threads: int = 1):
+    """An onnxruntime CPU session at ``level`` (disable/basic/extended/all)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -85,22 +95,45 @@ def _session(path: Path, level: str, threads: int = 1):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+_session = session  # the name earlier code used
+
+
+def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    inits = {t.name for t in model.graph.initializer}
+    return [vi for vi in model.graph.input if vi.name not in inits]
+
+
 def random_feeds(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded standard-normal inputs for every graph input (symbolic dims → 1)."""
     from onnx import helper
 
     model = onnx.load(str(path), load_external_data=False)
-    inits = {t.name for t in model.graph.initializer}
     rng = np.random.default_rng(seed)
     feeds = {}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
+    for vi in _graph_inputs(model):
         t = vi.type.tensor_type
         shape = [d.dim_value if d.HasField("dim_value") else 1 for d in t.shape.dim]
         dtype = helper.tensor_dtype_to_np_dtype(t.elem_type)
         feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
     return feeds
+
+
+def batch_is_symbolic(path: Path) -> bool:
+    """Every graph input has a symbolic (or unknown) first dimension: samples can be stacked."""
+    model = onnx.load(str(path), load_external_data=False)
+    inputs = _graph_inputs(model)
+    return bool(inputs) and all(
+        len(vi.type.tensor_type.shape.dim) > 0 and not vi.type.tensor_type.shape.dim[0].HasField("dim_value")
+        for vi in inputs)
+
+
+def sample_feeds(path: Path, samples: int = DEFAULT_SAMPLES) -> list[dict[str, np.ndarray]]:
+    """``samples`` seeded draws (seed i for sample i): one stacked batch when the batch dim is
+    symbolic, else one feed dict per sample. The values are the same either way."""
+    draws = [random_feeds(path, seed) for seed in range(samples)]
+    if samples > 1 and batch_is_symbolic(path):
+        return [{name: np.concatenate([d[name] for d in draws], axis=0) for name in draws[0]}]
+    return draws
 
 
 def max_error(a: list[np.ndarray], b: list[np.ndarray]) -> float:
@@ -118,61 +151,78 @@ def max_error(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     return worst
 
 
-def latency_ms(path: Path, feeds: dict[str, np.ndarray], level: str, runs: int, threads: int = 1) -> float:
-    sess = _session(path, level, threads)
-    for _ in range(2):
-        sess.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(None, feeds)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+def max_error_samples(a: list[list[np.ndarray]], b: list[list[np.ndarray]]) -> float:
+    """:func:`max_error` over several samples (one list of outputs per sample): the max."""
+    return max(max_error(x, y) for x, y in zip(a, b, strict=True))
 
 
-def _outputs(path: Path, feeds, names: list[str] | None = None) -> tuple[list[str], list[np.ndarray]]:
-    sess = _session(path, "disable", threads=0)
+def _outputs(path: Path, samples: list[dict],
+             names: list[str] | None = None) -> tuple[list[str], list[list[np.ndarray]]]:
+    sess = session(path, "disable", threads=0)
     names = names or [o.name for o in sess.get_outputs()]
-    return names, sess.run(names, feeds)
+    return names, [sess.run(names, feeds) for feeds in samples]
 
 
-def _npz_list(path: Path, names: list[str]) -> list[np.ndarray]:
-    with np.load(path) as z:
-        return [z[n] for n in names]
+def _save_samples(folder: Path, stem: str, names: list[str], values: list[list[np.ndarray]]) -> None:
+    for i, outs in enumerate(values):
+        np.savez(folder / f"{stem}_{i}.npz", **dict(zip(names, outs)))
 
 
-def baseline(model_path: Path, folder: Path, *, runs: int = 10, seed: int = 0) -> dict:
+def _load_samples(folder: Path, stem: str, count: int, names: list[str] | None = None) -> list:
+    out = []
+    for i in range(count):
+        with np.load(folder / f"{stem}_{i}.npz") as z:
+            out.append({k: z[k] for k in z.files} if names is None else [z[n] for n in names])
+    return out
+
+
+def load_latency_feeds(folder: Path) -> dict[str, np.ndarray]:
+    with np.load(Path(folder) / "latency_feeds.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+def _float64(model_path: Path, samples: list[dict], names: list[str]) -> list[list[np.ndarray]]:
+    from bench.reference64 import evaluate_float64_samples
+
+    return evaluate_float64_samples(onnx.load(str(model_path)), samples, names)
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, ImportError):
+        return "torch is not installed"
+    return " ".join(str(exc).split()).removeprefix("float64 reference: ")[:120]
+
+
+def baseline(model_path: Path, folder: Path, *, samples: int = DEFAULT_SAMPLES) -> dict:
     """Measure the unfolded model once; store inputs and reference outputs in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    feeds = random_feeds(model_path, seed)
-    np.savez(folder / "feeds.npz", **feeds)
+    feeds = sample_feeds(model_path, samples)
+    for i, f in enumerate(feeds):
+        np.savez(folder / f"feeds_{i}.npz", **f)
+    np.savez(folder / "latency_feeds.npz", **random_feeds(model_path, 0))
     names, ref = _outputs(model_path, feeds)
-    np.savez(folder / "ref.npz", **dict(zip(names, ref)))
+    _save_samples(folder, "ref", names, ref)
     header = onnx.load(str(model_path), load_external_data=False)
     bn, nodes = count_ops(header)
-    info = {"outputs": names, "bn": bn, "nodes": nodes, "bytes": files_size(model_path),
-            "external_data": _uses_external_data(header)}
+    info = {"outputs": names, "feed_sets": len(feeds), "samples": samples, "batched": len(feeds) < samples,
+            "bn": bn, "nodes": nodes, "bytes": files_size(model_path), "external_data": _uses_external_data(header)}
     del header
     try:
-        from bench.reference64 import evaluate_float64
-
-        f64 = evaluate_float64(onnx.load(str(model_path)), feeds)
-        np.savez(folder / "f64.npz", **dict(zip(names, f64)))
-        info["err_f64"] = max_error(ref, f64)
+        f64 = _float64(model_path, feeds, names)
+        _save_samples(folder, "f64", names, f64)
+        info["err_f64"] = max_error_samples(ref, f64)
     except (ImportError, NotImplementedError) as exc:
-        info["f64_unavailable"] = f"{type(exc).__name__}: {exc}"
+        info["f64_unavailable"] = _why(exc)
         info["err_f64"] = None
-    info["latency_ms"] = {lv: latency_ms(model_path, feeds, lv, runs) for lv in LEVELS}
     (folder / "baseline.json").write_text(json.dumps(info, indent=1))
     return info
 
 
-def evaluate(model_path: Path, folder: Path, *, runs: int = 10) -> dict:
+def evaluate(model_path: Path, folder: Path) -> dict:
     """Measure a tool's output against the baseline stored in ``folder``."""
-    info_base = json.loads((folder / "baseline.json").read_text())
-    names = info_base["outputs"]
-    with np.load(folder / "feeds.npz") as z:
-        feeds = {k: z[k] for k in z.files}
+    base = json.loads((folder / "baseline.json").read_text())
+    names = base["outputs"]
+    feeds = _load_samples(folder, "feeds", base["feed_sets"])
     header = onnx.load(str(model_path), load_external_data=False)
     bn, nodes = count_ops(header)
     info: dict = {"bn": bn, "nodes": nodes, "bytes": files_size(model_path),
@@ -183,18 +233,58 @@ def evaluate(model_path: Path, folder: Path, *, runs: int = 10) -> dict:
     except Exception as exc:  # noqa: BLE001 - a tool's broken output is a table cell
         info["error"] = f"onnxruntime cannot run the output: {' '.join(str(exc).split())[:160]}"
         return info
-    info["err_ref"] = max_error(out, _npz_list(folder / "ref.npz", names))
-    info["err_f64"] = (max_error(out, _npz_list(folder / "f64.npz", names))
-                       if (folder / "f64.npz").is_file() else None)
-    info["latency_ms"] = {lv: latency_ms(model_path, feeds, lv, runs) for lv in LEVELS}
+    info["err_ref"] = max_error_samples(out, _load_samples(folder, "ref", len(feeds), names))
+    if base.get("err_f64") is None:
+        info["err_f64"] = info["fold_err"] = None
+        info["fold_err_reason"] = f"no float64 reference: {base.get('f64_unavailable', 'unknown')}"
+        return info
+    f64 = _load_samples(folder, "f64", len(feeds), names)
+    info["err_f64"] = max_error_samples(out, f64)
+    del out
+    try:
+        info["fold_err"] = max_error_samples(_float64(model_path, feeds, names), f64)
+    except (ImportError, NotImplementedError) as exc:
+        info["fold_err"], info["fold_err_reason"] = None, _why(exc)
     return info
 
 
+def evaluate_many(folder: Path, models: dict[str, Path]) -> dict[str, dict]:
+    """:func:`evaluate` for several outputs in this one process (torch and onnxruntime are
+    imported once); an output whose evaluation raises gets ``{"error": …}``."""
+    out = {}
+    for name, path in models.items():
+        try:
+            out[name] = evaluate(Path(path), Path(folder))
+        except Exception as exc:  # noqa: BLE001 - one broken output is one cell
+            msg = " ".join(str(exc).split())[:120]
+            out[name] = {"error": f"measuring the output failed: {type(exc).__name__}: {msg}"}
+    return out
+
+
+USAGE = ("usage: python -m bench.metrics baseline MODEL FOLDER SAMPLES | evaluate FOLDER NAME=OUT … "
+         "| measure MODEL FOLDER SAMPLES NAME=OUT …")
+
+
+def _pairs(args: list[str]) -> dict[str, str] | None:
+    return dict(a.split("=", 1) for a in args) if all("=" in a for a in args) else None
+
+
 def main(argv: list[str]) -> int:
-    """``python -m bench.metrics baseline|evaluate MODEL FOLDER RUNS`` → JSON on stdout."""
-    what, model, folder, runs = argv
-    fn = {"baseline": baseline, "evaluate": evaluate}[what]
-    print(json.dumps(fn(Path(model), Path(folder), runs=int(runs))))
+    """JSON on stdout: ``baseline MODEL FOLDER SAMPLES`` → the baseline; ``evaluate FOLDER
+    NAME=OUT …`` → ``{name: evaluation}``; ``measure MODEL FOLDER SAMPLES NAME=OUT …`` → both,
+    ``{"baseline": …, "outputs": {name: evaluation}}``, in one process (one torch import)."""
+    what, args = (argv[0], argv[1:]) if argv else ("", [])
+    if what == "baseline" and len(args) == 3:
+        info = baseline(Path(args[0]), Path(args[1]), samples=int(args[2]))
+    elif what == "evaluate" and len(args) >= 2 and _pairs(args[1:]) is not None:
+        info = evaluate_many(Path(args[0]), _pairs(args[1:]))
+    elif what == "measure" and len(args) >= 3 and _pairs(args[3:]) is not None:
+        base = baseline(Path(args[0]), Path(args[1]), samples=int(args[2]))
+        info = {"baseline": base, "outputs": evaluate_many(Path(args[1]), _pairs(args[3:]))}
+    else:
+        print(USAGE, file=sys.stderr)
+        return 2
+    print(json.dumps(info))
     return 0
 
 

@@ -79,6 +79,14 @@ def bnfold_validate(src: Path, dst: Path) -> int:
     return _cli(lambda: main(["check", str(src), str(dst)]), ["bnfold"])
 
 
+def bnfold_compensated(src: Path, dst: Path) -> int:
+    """``bnfold fold --no-validate --rounding compensated`` (float16/bfloat16 workloads only)."""
+    from bnfold.cli import main
+
+    return _cli(lambda: main(["fold", str(src), "-o", str(dst), "--no-validate", "--rounding", "compensated"]),
+                ["bnfold"])
+
+
 def onnxoptimizer(src: Path, dst: Path) -> int:
     from onnxoptimizer.onnxoptimizer_main import main
 
@@ -140,6 +148,7 @@ RUNNERS = {
     "floor": floor,
     "bnfold": bnfold,
     "bnfold-validate": bnfold_validate,
+    "bnfold-compensated": bnfold_compensated,
     "onnxoptimizer": onnxoptimizer,
     "onnxslim": onnxslim,
     "onnxsim": onnxsim,
@@ -193,4 +202,13 @@ def _main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    status = main(sys.argv[1:])
+    if sys.argv[1:2] and sys.argv[1].startswith("bnfold"):
+        # The `bnfold` console script (bnfold.cli.run) flushes its streams and ends with
+        # os._exit, skipping the interpreter's teardown: end the way users' runs end.
+        import os
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

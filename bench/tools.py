@@ -11,6 +11,10 @@ the tool sees.
 
 A run fails when the child exits non-zero, is killed (signal, timeout) or writes no output;
 the failure is data (:class:`RunResult` with a one-line ``reason``), never an exception.
+
+The ``repeat`` runs of a workload's tools are interleaved round-robin (:func:`measure_all`):
+run 1 of every tool, then run 2 of every tool (the order rotated), … — so a load spike on this
+shared machine lands on all tools alike instead of shifting one tool's median.
 """
 
 from __future__ import annotations
@@ -32,12 +36,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 class Tool:
     name: str
     label: str          # what the table shows
+    dtypes: tuple[str, ...] | None = None  # runs only on workloads of these dtypes (None: all)
+
+    def runs_on(self, dtype: str) -> bool:
+        return self.dtypes is None or dtype in self.dtypes
 
 
 TOOLS: dict[str, Tool] = {t.name: t for t in [
     Tool("floor", "onnx.load+onnx.save (floor)"),
     Tool("bnfold", "bnfold fold --no-validate"),
     Tool("bnfold-validate", "bnfold fold (+ validation)"),
+    Tool("bnfold-compensated", "bnfold fold --no-validate --rounding compensated", dtypes=("float16", "bfloat16")),
     Tool("onnxoptimizer", "onnxoptimizer fuse_bn_into_conv"),
     Tool("onnxslim", "onnxslim"),
     Tool("onnxsim", "onnxsim"),
@@ -137,27 +146,44 @@ def run_once(tool: str, src: Path, dst: Path, *, timeout: float = 1800) -> RunRe
     return RunResult(reason is None, wall, rss, code, _one_line(reason) if reason else None)
 
 
-def measure(tool: str, src: Path, workdir: Path, *, repeat: int = 3, timeout: float = 1800) -> Measurement:
-    """Run ``tool`` ``repeat`` times (stopping at the first failure); keep the last output.
+def round_robin(tools: list[str], repeat: int) -> list[list[str]]:
+    """The order of the runs: repetition ``r`` runs every tool once, the list rotated by ``r``,
+    so every tool samples the same stretch of machine load and takes every position."""
+    n = len(tools)
+    return [tools[r % n:] + tools[:r % n] for r in range(repeat)] if n else []
 
-    Each run writes into a fresh folder ``workdir/run<i>/``; the previous run's folder is
-    removed first so a large workload needs disk for one output only.
+
+def measure_all(tools: list[str], src: Path, workdir: Path, *, repeat: int = 3, timeout: float = 1800,
+                log=None) -> dict[str, Measurement]:
+    """Run every tool ``repeat`` times, interleaved (:func:`round_robin`); keep each tool's last output.
+
+    A tool stops at its first failure (its later turns are skipped). Run ``r`` of a tool writes
+    into ``workdir/<tool>/run<r>/``; its previous run's folder is removed first, so the
+    workload needs disk for one output per tool. ``log(tool, rep, result)`` is called after
+    each run.
     """
     import shutil
 
-    m = Measurement(tool)
-    previous: Path | None = None
-    for i in range(repeat):
-        folder = Path(workdir) / f"run{i}"
-        shutil.rmtree(folder, ignore_errors=True)
-        if previous is not None:
-            shutil.rmtree(previous, ignore_errors=True)
-        result = run_once(tool, src, folder / "out.onnx", timeout=timeout)
-        m.runs.append(result)
-        previous = folder
-        if not result.ok:
-            break
-        m.output = folder / "out.onnx"
-    if not m.ok:
-        m.output = None
-    return m
+    found = {t: Measurement(t) for t in tools}
+    for rep, order in enumerate(round_robin(list(tools), repeat)):
+        for tool in order:
+            m = found[tool]
+            if m.runs and not m.runs[-1].ok:
+                continue
+            if m.output is not None:
+                shutil.rmtree(m.output.parent, ignore_errors=True)
+                m.output = None
+            folder = Path(workdir) / tool / f"run{rep}"
+            shutil.rmtree(folder, ignore_errors=True)
+            result = run_once(tool, src, folder / "out.onnx", timeout=timeout)
+            m.runs.append(result)
+            if result.ok:
+                m.output = folder / "out.onnx"
+            if log is not None:
+                log(tool, rep, result)
+    return found
+
+
+def measure(tool: str, src: Path, workdir: Path, *, repeat: int = 3, timeout: float = 1800) -> Measurement:
+    """Run one tool ``repeat`` times (stopping at the first failure); keep the last output."""
+    return measure_all([tool], src, workdir, repeat=repeat, timeout=timeout)[tool]

@@ -258,11 +258,12 @@ class Workload:
     build: Callable[[_Sink], onnx.ModelProto]
     external_data: bool = False
     large: bool = False        # left out by --skip-large
+    dtype: str = "float32"     # the model's float type (some tools run only on float16/bfloat16)
 
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in [
     Workload("resnet50", "ResNet-50-like fp32, 53 BN", lambda s: resnet50(np.float32, s)),
-    Workload("resnet50-fp16", "ResNet-50-like fp16 twin", lambda s: resnet50(np.float16, s)),
+    Workload("resnet50-fp16", "ResNet-50-like fp16 twin", lambda s: resnet50(np.float16, s), dtype="float16"),
     Workload("mobilenetv2", "MobileNetV2-like, depthwise", lambda s: mobilenetv2(np.float32, s)),
     Workload("mlp", "MLP, Gemm/MatMul + BatchNorm1d", lambda s: mlp(np.float32, s)),
     Workload("decoder", "grouped ConvTranspose decoder", lambda s: decoder(np.float32, s)),
@@ -277,13 +278,15 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
 #: Small stand-ins for ``--quick`` and the harness tests (same shapes of graph, tiny tensors).
 QUICK_WORKLOADS: dict[str, Workload] = {w.name: w for w in [
     Workload("tiny-resnet", "ResNet-like, 3 BN", lambda s: _tiny_resnet(s)),
+    Workload("tiny-resnet-fp16", "ResNet-like, 3 BN, float16", lambda s: _tiny_resnet(s, np.float16),
+             dtype="float16"),
     Workload("tiny-wide-ext", "wide 32ch x 3, external data", lambda s: wide(3, 32, sink=s),
              external_data=True),
 ]}
 
 
-def _tiny_resnet(sink: _Sink) -> onnx.ModelProto:
-    g = _Graph(np.float32, seed=9, sink=sink)
+def _tiny_resnet(sink: _Sink, dtype=np.float32) -> onnx.ModelProto:
+    g = _Graph(dtype, seed=9, sink=sink)
     x = g.relu(g.bn(g.conv("input", 3, 8, 3), 8))
     y = g.relu(g.bn(g.conv(x, 8, 8, 3), 8))
     x = g.relu(g.node("Add", [g.bn(g.conv(y, 8, 8, 1), 8, gamma=(0.2, 0.4)), x]))
