@@ -262,8 +262,10 @@ def scale_rows_checked(weight, row_scale, dtype, *, what: str, rounding: str = r
         with np.errstate(invalid="ignore", over="ignore"):
             for i in range(start, stop, step):
                 j = min(i + step, stop)
-                hi[i:j], lo[i:j] = rows[i:j].max(axis=1), rows[i:j].min(axis=1)
                 block = rows[i:j].astype(np.float64)
+                # float16 reductions have no SIMD path in NumPy (~8× slower): reduce the float64 copy
+                ext = rows[i:j] if rows.dtype.itemsize >= 4 else block
+                hi[i:j], lo[i:j] = ext.max(axis=1), ext.min(axis=1)
                 block *= row_scale[i:j, None]
                 dst[i:j] = block
 
