@@ -18,7 +18,8 @@ keeps it whole. Compensated rounding keeps the second term and removes the first
 
 1. start from round-to-nearest: δ_j, and the residual R = Σ_j a_j·δ_j + δ_b, where a_j is
    the expected input μ_j and δ_b the folded bias's own round-to-nearest error
-   (:class:`InputStats`, from the BN statistics of the graph: :mod:`bnfold.passes._moments`).
+   (:class:`InputStats`: from the BN statistics, or propagated through the weights when the
+   statistics do not describe the activations: :mod:`bnfold.passes._moments`).
    When nothing is known of the inputs, a_j = 1 and δ_b is left out: R then cancels for any
    input whose mean is the same on every position of the fan-in;
 2. flipping weight j to its other neighbour adds a_j·(other_j − r_j) to R and
@@ -140,7 +141,7 @@ def _compensate_chunk(exact, nearest, a, v, offset, keep: int) -> np.ndarray:
     magnitude = bits & np.uint16(0x7FFF)
     # never to ±inf, never from the smallest normal down to a subnormal, never move an exact value
     allowed = ((other_bits & np.uint16(0x7FFF)) < infinity) & ~((magnitude == smallest_normal) & ~up) & (delta != 0)
-    with np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         diff = other.astype(np.float32) - near64.astype(np.float32)  # exact: both are half-precision values
         change = diff if a is None else (a * diff).astype(np.float32)  # a flip's change of R
         residual = (delta if a is None else a * delta).sum(axis=1)

@@ -9,7 +9,7 @@ from onnx import TensorProto, helper
 from bnfold.graph import GraphIndex, NameSet, all_names
 from bnfold.passes import PATTERNS
 from bnfold.passes._context import FoldContext
-from bnfold.passes._moments import channel_moments, clipped
+from bnfold.passes._moments import channel_moments, clipped, max_clipped
 from tests.converter import builders
 from tests.ortutil import make_model
 
@@ -88,13 +88,18 @@ def test_moments_propagate_from_batchnorm_statistics(rng):
     clip = clipped(p0["B"], p0["scale"] ** 2, 0.0, 6.0)
     assert np.allclose(table["c2"][0], 2 * clip[0]) and np.allclose(table["c2"][1], 4 * clip[1])
     assert np.allclose(table["z"][0], 2 * clip[0] + relu[0]) and np.allclose(table["z"][1], 4 * clip[1] + relu[1])
-    # MaxPool is not propagated; its mean is solved from the Conv → BN1 that reads it
+    # MaxPool: the mean is solved from the Conv → BN1 that reads it (the statistics are
+    # consistent); the variance is that of the max of 4 independent relu(N(β0, γ0²))
     assert np.allclose(table["h2"][0], mu_pool)
+    assert np.allclose(table["h2"][1], max_clipped(p0["B"], p0["scale"] ** 2, 4, 0.0, math.inf)[1])
 
 
 def test_inconsistent_statistics_are_not_used(rng):
-    model, _, _ = _graph(rng, consistent=False)
-    assert "h2" not in channel_moments(_context(model))  # 12 equations, 8 unknowns, no solution: unknown
+    model, p0, _ = _graph(rng, consistent=False)
+    table = channel_moments(_context(model))
+    # 12 equations, 8 unknowns, no solution: the MaxPool's own estimate stands
+    expected = max_clipped(p0["B"], p0["scale"] ** 2, 4, 0.0, math.inf)
+    assert np.allclose(table["h2"][0], expected[0]) and np.allclose(table["h2"][1], expected[1])
 
 
 def test_moments_are_computed_only_for_a_half_precision_fold(rng):
