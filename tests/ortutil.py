@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper
+from onnx import TensorProto, helper, numpy_helper
 
 # onnx 1.23 writes IR 14 by default, which onnxruntime 1.31 rejects.
 _IR_FOR_OPSET = [(17, 8), (20, 9), (99, 10)]
@@ -28,6 +28,17 @@ def make_model(nodes, inputs, outputs, initializers=(), *, opset: int = 17, name
                               functions=list(functions))
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def bfloat16_scale_model(k: float, shape: list[int], *, k_shape: list[int] | None = None) -> onnx.ModelProto:
+    """y = bfloat16(float(x) · k) for a bfloat16 x of ``shape``: bfloat16 in and out, float32 inside
+    (``k`` a float32 constant of ``k_shape``, a scalar by default)."""
+    nodes = [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["xf", "k"], ["yf"]),
+             helper.make_node("Cast", ["yf"], ["y"], to=TensorProto.BFLOAT16)]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, shape)],
+                      [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, shape)],
+                      [numpy_helper.from_array(np.full(k_shape or [], k, np.float32), "k")])
 
 
 def session(model: onnx.ModelProto, *, optimize: bool = False) -> ort.InferenceSession:

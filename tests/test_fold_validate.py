@@ -6,8 +6,6 @@ session at a time, before renaming them into place."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import weakref
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import bnfold.modelio
 from bnfold.cli import cli
 from bnfold.errors import ValidationFailed
 from tests.ortutil import make_model
+from tests.rss import fold_file_rss_growth
 
 
 def _conv_bn(rng) -> onnx.ModelProto:
@@ -282,14 +281,7 @@ def test_validating_fold_of_an_external_data_model_needs_about_one_model_of_memo
     6×."""
     src = _save(_wide(8, 512, rng), tmp_path / "src" / "wide.onnx", external=True)
     size = sum(p.stat().st_size for p in src.parent.iterdir())
-    # VmHWM, not ru_maxrss: an exec'ed child's ru_maxrss includes its parent's (pytest's) peak
-    code = ("import json, sys\nimport bnfold.cli, bnfold.stream.foldfile, bnfold.validation\n"
-            "hwm = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])\n"
-            "base = hwm()\nr = bnfold.fold_file(sys.argv[1], sys.argv[2], validate=True)\n"
-            "print(json.dumps([base * 1024, hwm() * 1024, r.check.passed]))")
     (tmp_path / "out").mkdir()
-    out = subprocess.run([sys.executable, "-c", code, str(src), str(tmp_path / "out" / "w.onnx")],
-                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], check=True)
-    base, peak, passed = json.loads(out.stdout.strip().splitlines()[-1])
+    growth, _, passed = fold_file_rss_growth(src, tmp_path / "out" / "w.onnx", validate=True)
     assert passed
-    assert peak - base < 2 * size, f"peak RSS grew by {(peak - base) / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB model"
+    assert growth < 2 * size, f"peak RSS grew by {growth / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB model"

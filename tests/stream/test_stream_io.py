@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from bnfold.stream import source as source_mod
 from bnfold.stream import wire
 from bnfold.stream.source import build_skeleton, open_model
 from tests.converter import builders as B
+from tests.rss import fold_file_rss_growth
 from tests.stream._compare import save
 
 REPO = Path(__file__).resolve().parents[2]
@@ -177,14 +177,7 @@ def test_external_data_fold_stays_far_below_the_model_size_in_memory(tmp_path):
     (measured 26 MiB; 126 MiB when the source pages are not released after each fold)."""
     src = save(_wide(12, 512), tmp_path / "src" / "wide.onnx", external=True)
     size = sum(p.stat().st_size for p in src.parent.iterdir())
-    # VmHWM, not ru_maxrss: an exec'ed child's ru_maxrss includes its parent's (pytest's) peak
-    code = ("import json, sys\nimport bnfold.cli, bnfold.stream.foldfile\n"
-            "hwm = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])\n"
-            "base = hwm()\nr = bnfold.fold_file(sys.argv[1], sys.argv[2])\n"
-            "print(json.dumps([base * 1024, hwm() * 1024, r.report.counts()['folded']]))")
     (tmp_path / "out").mkdir()
-    out = subprocess.run([sys.executable, "-c", code, str(src), str(tmp_path / "out" / "w.onnx")],
-                         capture_output=True, text=True, cwd=REPO, check=True)
-    base, peak, folded = json.loads(out.stdout.strip().splitlines()[-1])
+    growth, folded, _ = fold_file_rss_growth(src, tmp_path / "out" / "w.onnx")
     assert folded == 12
-    assert peak - base < 0.4 * size, f"peak RSS grew by {(peak - base) / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB model"
+    assert growth < 0.4 * size, f"peak RSS grew by {growth / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB model"

@@ -3,12 +3,12 @@
 import ml_dtypes
 import numpy as np
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from bnfold import check
 from bnfold.errors import InputDataError, ModelLoadError, UsageError
 from bnfold.testing import assert_equivalent
-from tests.ortutil import make_model
+from tests.ortutil import bfloat16_scale_model, make_model
 from tests.validation.models import (
     conv_bn, gather_mask_model, nudge_weight_ulps, resnet_stack, scale_weight, sqrt_model, stack_model,
 )
@@ -163,13 +163,7 @@ def test_progress_is_reported_per_model_run():
 
 
 def test_bfloat16_inputs_and_outputs():
-    def model(k):
-        nodes = [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
-                 helper.make_node("Mul", ["xf", "k"], ["yf"]),
-                 helper.make_node("Cast", ["yf"], ["y"], to=TensorProto.BFLOAT16)]
-        return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [4, 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [4, 4])],
-                          [numpy_helper.from_array(np.array(k, np.float32), "k")])
+    model = lambda k: bfloat16_scale_model(k, [4, 4])  # noqa: E731
     report = check(model(1.0), model(1.0 + 2.0 ** -9))   # below bfloat16's resolution after rounding
     (o,) = report.comparisons[0].outputs
     assert report.passed and o.dtype == "bfloat16"

@@ -16,7 +16,7 @@ from bnfold import check
 from bnfold.errors import ModelLoadError
 from bnfold.modelio import save_model
 from bnfold.validation.check import _source
-from tests.ortutil import make_model
+from tests.ortutil import bfloat16_scale_model, make_model
 from tests.validation.models import conv_bn, resnet_stack, scale_weight, stack_model
 
 
@@ -120,13 +120,7 @@ def test_reference_session_is_released_when_a_reference_run_fails(tmp_path, sess
 
 
 def test_bfloat16_outputs_of_an_external_data_file(tmp_path, sessions):
-    def model(k):
-        nodes = [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
-                 helper.make_node("Mul", ["xf", "k"], ["yf"]),
-                 helper.make_node("Cast", ["yf"], ["y"], to=TensorProto.BFLOAT16)]
-        return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [16, 16])],
-                          [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [16, 16])],
-                          [numpy_helper.from_array(np.full((16, 16), k, np.float32), "k")])
+    model = lambda k: bfloat16_scale_model(k, [16, 16], k_shape=[16, 16])  # noqa: E731
     ref = save_model(model(1.0), tmp_path / "ref.onnx", external_data=True)
     cand = save_model(model(1.5), tmp_path / "cand.onnx", external_data=True)
     (o,) = check(ref, cand).comparisons[0].outputs
