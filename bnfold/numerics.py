@@ -269,7 +269,7 @@ def scale_rows_checked(weight, row_scale, dtype, *, what: str, rounding: str = r
                 block *= row_scale[i:j, None]
                 dst[i:j] = block
 
-    _split_rows(fold_rows, rows.shape[0], rows.size)
+    split_rows(fold_rows, rows.shape[0], rows.size)
     with np.errstate(invalid="ignore", over="ignore"):
         ends = np.stack([row_scale * hi, row_scale * lo])
     if not np.isfinite(ends).all():
@@ -293,12 +293,13 @@ def scale_rows_checked(weight, row_scale, dtype, *, what: str, rounding: str = r
 PARALLEL_MIN_ELEMENTS = 1 << 18
 
 
-def _split_rows(work: Callable[[int, int], None], n_rows: int, size: int) -> None:
-    """``work(0, n_rows)``, as two halves in two threads for big weights on a multi-core machine."""
-    if size < PARALLEL_MIN_ELEMENTS or n_rows < 2 or (os.cpu_count() or 1) < 2:
+def split_rows(work: Callable[[int, int], None], n_rows: int, size: int, *, align: int = 1) -> None:
+    """``work(0, n_rows)``, as two halves in two threads for big weights on a multi-core machine
+    (the split falls on a multiple of ``align`` rows)."""
+    half = (n_rows // 2) // align * align
+    if size < PARALLEL_MIN_ELEMENTS or half < 1 or (os.cpu_count() or 1) < 2:
         work(0, n_rows)
         return
-    half = n_rows // 2
     failed: list[BaseException] = []
 
     def second() -> None:
