@@ -9,6 +9,12 @@ folder beside the destination, flushed, then renamed into place, data first and 
 last. A failed or interrupted write leaves the destination as it was; an input file is never
 overwritten unless the caller says ``in_place=True``.
 
+External data goes to ``<name>.data``, or to ``<name>.<8 hex>.data`` while the model being
+replaced (or the input) still uses that name: new bytes are never renamed over data a model in
+place refers to. Once the new model is in place, the data files of the model it replaced that
+follow this naming and that neither the new model nor the input uses are removed, so writing
+the same destination on every build alternates between two names instead of piling up.
+
 The staging folder is ``.<name>.<random>.tmp`` in the destination's folder. A process killed
 mid-write (SIGKILL, power loss) cannot remove it; the next write to the same destination
 removes such folders once they are older than :data:`STALE_STAGING_SECONDS` (an hour: far
@@ -20,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -211,17 +218,26 @@ class StagedOutput:
     """The staging folder of one atomic write (see the module docstring): write files into
     :meth:`path`, then :meth:`commit` flushes them and renames them into place, data first."""
 
-    def __init__(self, dst: Path, folder: Path, staging: Path):
+    def __init__(self, dst: Path, folder: Path, staging: Path, *, src: Path | None = None):
         self.dst, self.folder, self.staging = dst, folder, staging
         self._data_name: str | None = None
+        # Data files the destination model (about to be replaced) and the input refer to, in
+        # this folder: never written over, and the input's never removed.
+        self._replaced = _data_files_of(dst)
+        self._kept = _data_files_of(src) if src is not None and not _same_file(src, dst) else set()
+        if src is not None and Path(src).parent.resolve() != folder.resolve():
+            self._kept = set()  # the input's data lies in another folder
 
     def path(self, name: str) -> Path:
         return self.staging / name
 
     def data_name(self) -> str:
-        """The external-data file name for this write (never one an existing model uses)."""
+        """The external-data file name for this write: ``<name>.data`` unless the model being
+        replaced or the input uses it (then a fresh ``<name>.<8 hex>.data``)."""
         if self._data_name is None:
-            self._data_name = _fresh_data_name(self.folder, self.dst.name)
+            name = f"{self.dst.name}.data"
+            in_use = name in self._replaced or name in self._kept or (self.folder / name).is_symlink()
+            self._data_name = _fresh_data_name(self.folder, self.dst.name) if in_use else name
         return self._data_name
 
     def commit(self, data_names: list[str] = ()) -> Path:
@@ -232,7 +248,20 @@ class StagedOutput:
                 os.replace(self.staging / name, self.folder / name)
         except OSError as exc:
             raise OutputError(f"{self.dst}: write failed: {exc.strerror or exc}") from exc
+        self._remove_replaced_data(set(data_names))
         return self.dst
+
+    def _remove_replaced_data(self, written: set[str]) -> None:
+        """Remove the data files of the model just replaced that nothing uses any more: only
+        names this module gives (``<name>.data``, ``<name>.<8 hex>.data``), plain files, not
+        the input's. Best effort: a file that cannot be removed is left."""
+        ours = re.compile(rf"{re.escape(self.dst.name)}(\.[0-9a-f]{{8}})?\.data")
+        for name in sorted(self._replaced - written - self._kept):
+            path = self.folder / name
+            if not ours.fullmatch(name) or path.is_symlink() or not path.is_file():
+                continue
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 @contextlib.contextmanager
@@ -247,7 +276,7 @@ def staged_output(dst: PathLike, *, src: PathLike | None = None, in_place: bool 
     except OSError as exc:
         raise OutputError(f"{dst}: cannot write: {exc.strerror or exc}") from exc
     try:
-        yield StagedOutput(dst, folder, staging)
+        yield StagedOutput(dst, folder, staging, src=Path(src) if src is not None else None)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -280,10 +309,38 @@ def _fresh_data_name(folder: Path, model_name: str) -> str:
     # Renaming new data over an existing data file before the model is replaced would leave
     # the old model pointing at the new bytes if we were interrupted in between; a data file
     # of its own keeps the destination consistent at every instant.
-    name = f"{model_name}.data"
-    if not (folder / name).exists():
-        return name
-    return f"{model_name}.{os.urandom(4).hex()}.data"
+    while True:
+        name = f"{model_name}.{os.urandom(4).hex()}.data"
+        if not os.path.lexists(folder / name):
+            return name
+
+
+def _data_files_of(path: PathLike | None) -> set[str]:
+    """The external-data locations the model file ``path`` refers to; empty when there is no
+    such file or it is not a model. Reads the file's structure only (memory-mapped, payloads
+    skipped), so a large one-file model costs little."""
+    if path is None:
+        return set()
+    import mmap
+
+    from bnfold.stream.source import PLACEHOLDER_KEY, build_skeleton
+
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                return set()
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                skeleton, _, _ = build_skeleton(mapped, Path(path).name)
+        model = onnx.ModelProto()
+        model.ParseFromString(skeleton)
+    except (OSError, ValueError, DecodeError):
+        return set()
+    locations = set()
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        entries = {e.key: e.value for e in tensor.external_data}
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and PLACEHOLDER_KEY not in entries:
+            locations.add(entries.get("location", ""))
+    return locations - {""}
 
 
 def _same_file(a: PathLike, b: PathLike) -> bool:

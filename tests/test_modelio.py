@@ -11,7 +11,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from bnfold.errors import ModelLoadError, OutputError
-from bnfold.modelio import load_model, parse_model, save_model
+from bnfold.modelio import StagedOutput, load_model, parse_model, save_model
 from tests.ortutil import make_model, run
 
 
@@ -156,9 +156,20 @@ def test_failed_write_leaves_destination_and_folder_as_they_were(tmp_path, monke
 def test_rewriting_external_model_never_reuses_live_data_file(tmp_path):
     path = _external(tmp_path)
     old_data = (tmp_path / "m.onnx.data").read_bytes()
-    save_model(_conv_model(), path, external_data=True, src=path, in_place=True)
-    # The old data file is untouched until the new model (pointing at its own file) is in place.
-    assert (tmp_path / "m.onnx.data").read_bytes() == old_data
+    seen = {}
+    remove = StagedOutput._remove_replaced_data
+
+    def spy(self, written):
+        seen["old"], seen["written"] = (tmp_path / "m.onnx.data").read_bytes(), written
+        remove(self, written)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(StagedOutput, "_remove_replaced_data", spy)
+        save_model(_conv_model(), path, external_data=True, src=path, in_place=True)
+    # The old data file is untouched until the new model (pointing at its own file) is in place,
+    # then removed: the model that used it is gone.
+    assert seen["old"] == old_data and "m.onnx.data" not in seen["written"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.onnx", *seen["written"]])
     model = load_model(path)
     x = np.ones((1, 3, 8, 8), np.float32)
     np.testing.assert_array_equal(run(model, {"x": x})[0], run(_conv_model(), {"x": x})[0])

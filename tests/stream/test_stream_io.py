@@ -12,6 +12,7 @@ import onnx
 import pytest
 
 import bnfold
+from bnfold import modelio
 from bnfold.modelio import load_model
 from bnfold.stream import source as source_mod
 from bnfold.stream import wire
@@ -107,19 +108,63 @@ def test_output_errors_before_anything_is_written(tmp_path):
     assert [n.op_type for n in onnx.load(src).graph.node] == ["Conv"]
 
 
-def test_existing_data_file_is_never_overwritten(tmp_path):
+def _locations(path):
+    return {e.value for t in onnx.load(path, load_external_data=False).graph.initializer
+            for e in t.external_data if e.key == "location"}
+
+
+def test_data_of_the_model_being_replaced_is_never_written_over_then_removed(tmp_path, monkeypatch):
     model, _ = B.conv_bn(2, 1, True, np.float32, 17, c_in=8, c_out=16)
     src = save(model, tmp_path / "src" / "m.onnx", external=True, threshold=0)
     out = tmp_path / "out"
     out.mkdir()
     first = bnfold.fold_file(src, out / "m.onnx")
+    assert _locations(out / "m.onnx") == {"m.onnx.data"}
     old_data = (out / "m.onnx.data").read_bytes()
+    folded = [onnx.numpy_helper.to_array(t) for t in onnx.load(out / "m.onnx").graph.initializer]
+    seen = {}
+    remove = modelio.StagedOutput._remove_replaced_data
+
+    def spy(self, written):
+        # the new model is in place; the replaced model's data is still there, bytes unchanged
+        seen["old"] = (out / "m.onnx.data").read_bytes()
+        seen["new"] = _locations(out / "m.onnx")
+        remove(self, written)
+
+    monkeypatch.setattr(modelio.StagedOutput, "_remove_replaced_data", spy)
     second = bnfold.fold_file(src, out / "m.onnx")
-    assert (out / "m.onnx.data").read_bytes() == old_data  # a fresh name instead
-    locations = {e.value for t in onnx.load(out / "m.onnx", load_external_data=False).graph.initializer
-                 for e in t.external_data if e.key == "location"}
-    assert locations and "m.onnx.data" not in locations and all((out / loc).is_file() for loc in locations)
+    assert seen["old"] == old_data and "m.onnx.data" not in seen["new"] and len(seen["new"]) == 1
+    assert sorted(p.name for p in out.iterdir()) == sorted(["m.onnx", *seen["new"]])  # the old one removed
     assert first.report.to_dict()["entries"] == second.report.to_dict()["entries"]
+    # Every later write alternates between the two names: nothing piles up.
+    for _ in range(3):
+        bnfold.fold_file(src, out / "m.onnx", validate=True)
+        names = sorted(p.name for p in out.iterdir())
+        assert len(names) == 2 and _locations(out / "m.onnx") == set(names) - {"m.onnx"}
+        for want, t in zip(folded, onnx.load(out / "m.onnx").graph.initializer, strict=True):
+            np.testing.assert_array_equal(onnx.numpy_helper.to_array(t), want)
+
+
+def test_data_files_that_are_not_ours_or_belong_to_the_input_are_kept(tmp_path):
+    def model():
+        return B.conv_bn(2, 1, True, np.float32, 17, c_in=8, c_out=16)[0]
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    # the input's data is named like the output's: it must be neither written over nor removed
+    src = folder / "in.onnx"
+    onnx.save(model(), src, save_as_external_data=True, location="out.onnx.data", size_threshold=0)
+    src_data = (folder / "out.onnx.data").read_bytes()
+    bnfold.fold_file(src, folder / "out.onnx")
+    bnfold.fold_file(src, folder / "out.onnx")
+    assert (folder / "out.onnx.data").read_bytes() == src_data
+    assert "out.onnx.data" not in _locations(folder / "out.onnx")
+    # a data file with a name of the user's own, used by the replaced model, is left alone
+    other = tmp_path / "o"
+    other.mkdir()
+    onnx.save(model(), other / "out.onnx", save_as_external_data=True, location="weights.bin", size_threshold=0)
+    bnfold.fold_file(save(model(), tmp_path / "s" / "m.onnx", external=True, threshold=0), other / "out.onnx")
+    assert (other / "weights.bin").is_file()
 
 
 @pytest.mark.parametrize("external", [False, True])
