@@ -219,28 +219,44 @@ class StagedOutput:
     :meth:`path`, then :meth:`commit` flushes them and renames them into place, data first."""
 
     def __init__(self, dst: Path, folder: Path, staging: Path, *, src: Path | None = None):
-        self.dst, self.folder, self.staging = dst, folder, staging
+        self.dst, self.folder, self.staging, self.src = dst, folder, staging, src
         self._data_name: str | None = None
-        # Data files the destination model (about to be replaced) and the input refer to, in
-        # this folder: never written over, and the input's never removed.
-        self._replaced = _data_files_of(dst)
-        self._kept = _data_files_of(src) if src is not None and not _same_file(src, dst) else set()
-        if src is not None and Path(src).parent.resolve() != folder.resolve():
-            self._kept = set()  # the input's data lies in another folder
+        self._ours = re.compile(rf"{re.escape(dst.name)}(\.[0-9a-f]{{8}})?\.data")
+        self._uses: tuple[set[str], set[str]] | None = None
 
     def path(self, name: str) -> Path:
         return self.staging / name
+
+    def _in_use(self) -> tuple[set[str], set[str]]:
+        """(data files named as this module names them that the model about to be replaced
+        uses, those the input uses): never written over; the input's never removed. Only
+        read from the models when such files exist (a glob of the folder, usually empty)."""
+        if self._uses is None:
+            try:
+                ours = {p.name for p in self.folder.glob(f"{glob.escape(self.dst.name)}.*data")
+                        if self._ours.fullmatch(p.name)}
+            except OSError:
+                ours = set()
+            replaced = _data_files_of(self.dst) & ours if ours else set()
+            kept = set()
+            if ours and self.src is not None and not _same_file(self.src, self.dst) \
+                    and Path(self.src).parent.resolve() == self.folder.resolve():
+                kept = _data_files_of(self.src) & ours
+            self._uses = (replaced, kept)
+        return self._uses
 
     def data_name(self) -> str:
         """The external-data file name for this write: ``<name>.data`` unless the model being
         replaced or the input uses it (then a fresh ``<name>.<8 hex>.data``)."""
         if self._data_name is None:
             name = f"{self.dst.name}.data"
-            in_use = name in self._replaced or name in self._kept or (self.folder / name).is_symlink()
+            replaced, kept = self._in_use()
+            in_use = name in replaced or name in kept or (self.folder / name).is_symlink()
             self._data_name = _fresh_data_name(self.folder, self.dst.name) if in_use else name
         return self._data_name
 
     def commit(self, data_names: list[str] = ()) -> Path:
+        self._in_use()  # what the model being replaced uses, read before it is replaced
         try:
             for name in [*data_names, self.dst.name]:
                 with open(self.staging / name, "rb+") as f:
@@ -255,10 +271,10 @@ class StagedOutput:
         """Remove the data files of the model just replaced that nothing uses any more: only
         names this module gives (``<name>.data``, ``<name>.<8 hex>.data``), plain files, not
         the input's. Best effort: a file that cannot be removed is left."""
-        ours = re.compile(rf"{re.escape(self.dst.name)}(\.[0-9a-f]{{8}})?\.data")
-        for name in sorted(self._replaced - written - self._kept):
+        replaced, kept = self._in_use()
+        for name in sorted(replaced - written - kept):
             path = self.folder / name
-            if not ours.fullmatch(name) or path.is_symlink() or not path.is_file():
+            if not self._ours.fullmatch(name) or path.is_symlink() or not path.is_file():
                 continue
             with contextlib.suppress(OSError):
                 path.unlink()
