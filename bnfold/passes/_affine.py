@@ -399,3 +399,13 @@ def run_linear(ctx: FoldContext, linear: Linear) -> bool:
         if producer is not None:
             changed |= fold_chain(ctx, linear, producer, bn, gate(ctx, linear))
     return changed
+
+
+class LinearPass:
+    """The fold pass of one linear kind: every BN (or affine chain) after a ``linear`` node."""
+
+    def __init__(self, name: str, linear: Linear):
+        self.name, self.linear = name, linear
+
+    def run(self, ctx: FoldContext) -> bool:
+        return run_linear(ctx, self.linear)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from bnfold import rounding as rounding_
 from bnfold.numerics import fold_bias, forward_channel_map, round_checked, scale_rows_checked
-from bnfold.passes._affine import Linear, attr, run_linear
+from bnfold.passes._affine import Linear, LinearPass, attr
 from bnfold.passes._moments import input_stats
 from bnfold.passes._weights import constant_input, folded_name, required_weight
 
@@ -57,11 +57,4 @@ class ConvLinear(Linear):
 LINEAR = ConvLinear()
 
 
-class ConvPass:
-    name = "conv"
-
-    def run(self, ctx) -> bool:
-        return run_linear(ctx, LINEAR)
-
-
-PASS = ConvPass()
+PASS = LinearPass("conv", LINEAR)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from bnfold.numerics import conv_transpose_rows, fold_conv_transpose, round_checked
-from bnfold.passes._affine import Linear, attr, run_linear
+from bnfold.passes._affine import Linear, LinearPass, attr
 from bnfold.passes._moments import input_stats
 from bnfold.rounding import NEAREST, round_rows
 from bnfold.passes._weights import constant_input, folded_name, required_weight
@@ -83,11 +83,4 @@ def tap_phases(kernel_shape, strides, dilations) -> list[np.ndarray]:
 LINEAR = ConvTransposeLinear()
 
 
-class ConvTransposePass:
-    name = "convtranspose"
-
-    def run(self, ctx) -> bool:
-        return run_linear(ctx, LINEAR)
-
-
-PASS = ConvTransposePass()
+PASS = LinearPass("convtranspose", LINEAR)

@@ -12,7 +12,7 @@ import numpy as np
 from onnx import helper
 
 from bnfold.numerics import column_rows, conv_rows, fold_gemm, round_checked
-from bnfold.passes._affine import Linear, attr, run_linear
+from bnfold.passes._affine import Linear, LinearPass, attr
 from bnfold.passes._moments import input_stats
 from bnfold.passes._weights import constant_input, folded_name, required_weight
 
@@ -63,11 +63,4 @@ class GemmLinear(Linear):
 LINEAR = GemmLinear()
 
 
-class GemmPass:
-    name = "gemm"
-
-    def run(self, ctx) -> bool:
-        return run_linear(ctx, LINEAR)
-
-
-PASS = GemmPass()
+PASS = LinearPass("gemm", LINEAR)

@@ -16,7 +16,7 @@ import numpy as np
 from onnx import helper
 
 from bnfold.numerics import column_rows, fold_matmul, round_checked
-from bnfold.passes._affine import Linear, run_linear
+from bnfold.passes._affine import Linear, LinearPass
 from bnfold.passes._moments import input_stats
 from bnfold.passes._weights import folded_name, required_weight
 
@@ -65,11 +65,4 @@ class MatMulLinear(Linear):
 LINEAR = MatMulLinear()
 
 
-class MatMulPass:
-    name = "matmul"
-
-    def run(self, ctx) -> bool:
-        return run_linear(ctx, LINEAR)
-
-
-PASS = MatMulPass()
+PASS = LinearPass("matmul", LINEAR)
