@@ -123,7 +123,8 @@ def compensate_rows(exact: np.ndarray, nearest: np.ndarray, mean: np.ndarray | N
                                           None if offset is None else offset[rows], keep)
 
     # Rows are independent: two threads (NumPy releases the GIL in its loops), each on whole
-    # chunks of its half, give the same result as one.
+    # chunks of its half, give the same result as one. (Imported here: numerics imports this
+    # module.)
     from bnfold.numerics import split_rows
 
     split_rows(work, c, exact.size, align=chunk)
@@ -136,13 +137,14 @@ _VALUES: dict[np.dtype, np.ndarray] = {}
 
 
 def _as_float32(bits: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """The half-precision values with these bit patterns, as float32 (exact): a lookup in the
-    table of all 65,536 values, several times faster than NumPy's float16 → float32 cast."""
+    """The half-precision values with these bit patterns, as float32 (exact): ``np.take`` from
+    the table of all 65,536 values, ~2× faster than NumPy's float16 → float32 cast (82 vs
+    182 µs for 64 K values; plain fancy indexing is no faster than the cast)."""
     table = _VALUES.get(dtype)
     if table is None:
         table = _VALUES.setdefault(dtype, np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(dtype)
                                    .astype(np.float32))
-    return table[bits]
+    return np.take(table, bits)
 
 
 def _compensate_chunk(exact, nearest, a, v, offset, keep: int) -> np.ndarray:
